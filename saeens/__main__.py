@@ -1,0 +1,5 @@
+import sys
+
+from saeens.cli import main
+
+sys.exit(main())

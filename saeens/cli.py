@@ -1,0 +1,247 @@
+"""The `saeens` command (also `python -m saeens`): cache, synthetic, train, evaluate, export, stability.
+
+Every failure the user can fix is a SaeensError: printed as one line `saeens: error: ...` with
+exit status 2 and no traceback (set SAEENS_DEBUG=1 for one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from saeens.errors import SaeensError
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    # defaults are None so that a --config file can supply them; explicit flags override the file
+    p.add_argument("--activations", required=True, help="activation cache directory (saeens cache)")
+    p.add_argument("--out", required=True, help="run directory; an existing run is resumed")
+    p.add_argument("--config", help="JSON file with sections sae, train, ensemble")
+    p.add_argument("--method", choices=("single", "expanded", "bagging", "boosting"))
+    p.add_argument("--members", type=int, help="J: ensemble members / boosting stages / expansion factor")
+    p.add_argument("--arch", help="relu, topk, batchtopk or jumprelu")
+    p.add_argument("--width", type=int, help="latents per member (m)")
+    p.add_argument("--k", type=int, help="active latents per token (topk, batchtopk)")
+    p.add_argument("--l1", type=float, dest="l1_coeff", help="L1 coefficient (relu)")
+    p.add_argument("--l0", type=float, dest="l0_coeff", help="L0 coefficient (jumprelu)")
+    p.add_argument("--tokens", type=int, dest="n_tokens", help="training tokens per SAE / stage")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (0: only at the end)")
+    p.add_argument("--dead-tokens", type=int, help="tokens without firing after which a latent is dead")
+    p.add_argument("--no-normalize", action="store_true", help="train on raw activations (no norm scaling)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="saeens", description="Ensembles of sparse autoencoders in JAX")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("cache", help="write an activation cache (from a model and corpus, or an .npy array)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--from-npy", help="an [n, d_in] .npy array to turn into a cache")
+    p.add_argument("--model", help="model name (e.g. smollm2-135m), HF directory or .gguf file")
+    p.add_argument("--layer", type=int)
+    p.add_argument("--site", default="resid_post", help="hook site: resid_pre, resid_post, attn_out, mlp_out")
+    p.add_argument("--dataset", default="bbc-news", help="bbc-news, tweets, shakespeare or a hub dataset name")
+    p.add_argument("--tokens", type=int, default=200_000, help="training tokens to cache")
+    p.add_argument("--context-length", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16, help="contexts per model forward")
+    p.add_argument("--test-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("synthetic", help="write a cache of synthetic activations with known features")
+    p.add_argument("--out", required=True)
+    p.add_argument("--d-in", type=int, default=64)
+    p.add_argument("--features", type=int, default=256)
+    p.add_argument("--tokens", type=int, default=100_000)
+    p.add_argument("--active", type=float, default=5.0, help="features active per token on average")
+    p.add_argument("--noise", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("train", help="train a single, expanded, bagging or boosting run")
+    _add_train_args(p)
+
+    p = sub.add_parser("evaluate", help="reconstruction, sparsity and dictionary metrics of a run")
+    p.add_argument("run")
+    p.add_argument("--activations", required=True)
+    p.add_argument("--split", default="test", choices=("test", "train", "all"))
+    p.add_argument("--json", dest="json_out", help="write the metrics here as JSON")
+    p.add_argument("--model", help="also measure spliced LM loss with this model")
+    p.add_argument("--layer", type=int)
+    p.add_argument("--dataset", default="bbc-news")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("export", help="write a run in SAELens layout")
+    p.add_argument("run")
+    p.add_argument("--format", default="saelens", choices=("saelens",))
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("stability", help="feature stability across independently trained runs")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--json", dest="json_out")
+    return ap
+
+
+def _train_config(args: argparse.Namespace, d_in: int):
+    from saeens.config import RunConfig, _read_json
+
+    base: dict[str, Any] = _read_json(Path(args.config)) if args.config else {}
+    d = {s: dict(base.get(s, {})) for s in ("sae", "train", "ensemble")}
+    for extra in set(base) - set(d):
+        d[extra] = base[extra]  # RunConfig.from_dict names unknown sections
+    flags = {
+        "sae": ("arch", "width", "k", "l1_coeff", "l0_coeff", "dead_tokens"),
+        "train": ("n_tokens", "batch_size", "lr", "seed", "checkpoint_every"),
+        "ensemble": ("method", "members"),
+    }
+    for section, names in flags.items():
+        for name in names:
+            if getattr(args, name) is not None:
+                d[section][name] = getattr(args, name)
+    if args.no_normalize:
+        d["train"]["normalize_activations"] = False
+    if d["sae"].get("d_in", d_in) != d_in:
+        raise SaeensError(f"config says d_in={d['sae']['d_in']} but the activations have d_in={d_in}: fix the config")
+    d["sae"]["d_in"] = d_in
+    if "width" not in d["sae"]:
+        raise SaeensError("no SAE width given: pass --width M (latents per member)")
+    return RunConfig.from_dict(d)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from saeens.config import RunConfig
+    from saeens.data.cache import ActivationCache
+    from saeens.train import fit
+
+    acts = ActivationCache(args.activations)
+    run = _train_config(args, acts.d_in)
+    out = Path(args.out)
+    cfg_path = out / "config.json"
+    if cfg_path.is_file():
+        old = RunConfig.load(cfg_path)
+        if old != run:
+            raise SaeensError(
+                f"{out} holds a run with a different config: use a new --out, or repeat the original flags to resume"
+            )
+        print(f"resuming the run in {out}", file=sys.stderr)
+    elif out.exists() and any(out.iterdir()):
+        raise SaeensError(f"{out} is not empty and holds no run: choose a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    run.save(cfg_path)
+    (out / "activations.txt").write_text(str(Path(args.activations).absolute()) + "\n")
+    fit(out, run, acts, progress=not args.quiet)
+    print(f"trained {run.ensemble.method} run written to {out}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from saeens.data.cache import ActivationCache
+    from saeens.evaluate import evaluate_run, print_table
+
+    acts = ActivationCache(args.activations)
+    result = evaluate_run(args.run, acts, split=args.split, progress=not args.quiet)
+    if args.model:
+        from saeens.evals.spliced import spliced_metrics
+
+        result.update(spliced_metrics(args.run, args.model, args.layer, args.dataset))
+    print_table([{"run": args.run, **result}])
+    _write_json(args.json_out, result)
+
+
+def cmd_stability(args: argparse.Namespace) -> None:
+    from saeens.evaluate import print_table, stability_of_runs
+
+    result = stability_of_runs(args.runs)
+    print_table([{k: v for k, v in result.items() if not isinstance(v, list)}])
+    _write_json(args.json_out, result)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from saeens.export import export_saelens
+    from saeens.train import load_ensemble
+
+    ens, meta = load_ensemble(args.run)
+    out = export_saelens(ens, meta["method"], Path(args.out), hook_name=meta.get("hook"), model_name=meta.get("model"))
+    print(f"exported {meta['method']} run to {out}")
+
+
+def cmd_cache(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from saeens.data.cache import cache_from_array
+
+    if args.from_npy:
+        path = Path(args.from_npy)
+        if not path.is_file():
+            raise SaeensError(f"{path} does not exist: pass an existing [n, d_in] .npy file")
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except ValueError as e:
+            raise SaeensError(f"{path} is not a readable .npy array ({e})") from None
+        out = cache_from_array(arr, args.out, args.test_fraction, {"source": str(path.name)})
+        print(f"cached {arr.shape[0]} rows of d_in={arr.shape[1]} in {out}")
+        return
+    if not args.model or args.layer is None:
+        raise SaeensError("saeens cache needs --from-npy FILE, or --model M and --layer L")
+    from saeens.data.extract import build_cache
+
+    out = build_cache(
+        model_name=args.model, layer=args.layer, site=args.site, dataset=args.dataset, n_tokens=args.tokens,
+        out=args.out, context_length=args.context_length, batch_size=args.batch_size,
+        test_fraction=args.test_fraction, seed=args.seed,
+    )
+    print(f"activation cache written to {out}")
+
+
+def cmd_synthetic(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from saeens.data.cache import cache_from_array
+    from saeens.synthetic import make_synthetic
+
+    syn = make_synthetic(args.tokens, args.d_in, args.features, args.active, args.noise, seed=args.seed)
+    out = cache_from_array(syn.acts_ND, args.out, 0.1, {"model": "synthetic", "features": args.features})
+    np.save(out / "true_features.npy", syn.features_FD)
+    print(f"synthetic cache ({args.tokens} rows, d_in={args.d_in}, {args.features} true features) in {out}")
+
+
+def _write_json(path: str | None, obj: dict[str, Any]) -> None:
+    if path:
+        from saeens.data.cache import atomic_write_text
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(path), json.dumps(obj, indent=2))
+
+
+COMMANDS = {
+    "cache": cmd_cache,
+    "synthetic": cmd_synthetic,
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "export": cmd_export,
+    "stability": cmd_stability,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except SaeensError as e:
+        if os.environ.get("SAEENS_DEBUG"):
+            raise
+        print(f"saeens: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("saeens: interrupted; the last checkpoint is kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Frozen configs: one small dataclass per concern, validated on construction.
+
+Validation raises SaeensError with a one-line message that names the bad field and the fix, so
+the CLI, config files and Python callers all reject bad input the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from saeens.errors import SaeensError
+
+ARCHS = ("relu", "topk", "batchtopk", "jumprelu")
+METHODS = ("single", "expanded", "bagging", "boosting")
+
+
+def _require(ok: bool, msg: str) -> None:
+    if not ok:
+        raise SaeensError(msg)
+
+
+@dataclasses.dataclass(frozen=True)
+class SAEConfig:
+    """Architecture of ONE SAE (an ensemble member, a boosting stage or the expanded baseline)."""
+
+    d_in: int
+    width: int
+    arch: str = "topk"
+    k: int = 32  # topk / batchtopk: active latents per token
+    l1_coeff: float = 5.0  # relu: L1 penalty on the codes
+    l0_coeff: float = 0.75  # jumprelu: penalty on the (straight-through) L0
+    jumprelu_bandwidth: float = 0.001  # jumprelu: rectangle-kernel width eps of the STE
+    jumprelu_init_threshold: float = 0.001
+    aux_k: int | None = None  # AuxK latents; None -> d_in // 2 (Gao et al.)
+    aux_coeff: float = 1.0 / 32.0
+    dead_tokens: int = 1_000_000  # a latent silent for this many tokens counts as dead
+    batchtopk_threshold_decay: float = 0.99  # EMA of the inference threshold
+
+    def __post_init__(self) -> None:
+        _require(self.arch in ARCHS, f"unknown architecture {self.arch!r}: use one of {', '.join(ARCHS)}")
+        _require(self.d_in >= 1, f"d_in must be >= 1, got {self.d_in}: check the activation cache")
+        _require(self.width >= 1, f"width must be >= 1, got {self.width}: pass --width M with M >= 1")
+        if self.arch in ("topk", "batchtopk"):
+            _require(
+                1 <= self.k <= self.width,
+                f"k={self.k} must be between 1 and the width {self.width}: lower --k or raise --width",
+            )
+        _require(self.l1_coeff >= 0, f"l1_coeff must be >= 0, got {self.l1_coeff}")
+        _require(self.l0_coeff >= 0, f"l0_coeff must be >= 0, got {self.l0_coeff}")
+        _require(self.jumprelu_bandwidth > 0, "jumprelu_bandwidth must be > 0")
+        _require(self.dead_tokens >= 1, "dead_tokens must be >= 1")
+
+    @property
+    def k_aux(self) -> int:
+        return min(self.width, self.aux_k if self.aux_k is not None else max(1, self.d_in // 2))
+
+    def replace(self, **kw: Any) -> "SAEConfig":
+        return dataclasses.replace(self, **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and bookkeeping; the paper's defaults (Adam beta1=0, clip 1, constant lr)."""
+
+    n_tokens: int = 1_000_000  # per SAE (each boosting stage gets the full budget)
+    batch_size: int = 4096
+    lr: float = 3e-4
+    beta1: float = 0.0
+    beta2: float = 0.999
+    grad_clip: float = 1.0
+    seed: int = 0
+    normalize_activations: bool = True  # scale inputs to mean norm sqrt(d_in); folded back on export
+    geometric_median_samples: int = 4096
+    checkpoint_every: int = 500  # steps; 0 = only at the end
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, f"learning rate must be > 0, got {self.lr}: pass e.g. --lr 3e-4")
+        _require(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
+        _require(self.n_tokens >= self.batch_size, f"--tokens {self.n_tokens} is below one batch of {self.batch_size}")
+        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "Adam betas must lie in [0, 1)")
+        _require(self.grad_clip > 0, "grad_clip must be > 0")
+        _require(self.checkpoint_every >= 0, "checkpoint_every must be >= 0")
+
+    @property
+    def n_steps(self) -> int:
+        return self.n_tokens // self.batch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class EnsembleConfig:
+    """How SAEs are combined: single, expanded (one SAE of J*m latents), bagging or boosting."""
+
+    method: str = "single"
+    members: int = 1
+
+    def __post_init__(self) -> None:
+        _require(self.method in METHODS, f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
+        _require(self.members >= 1, f"members J must be >= 1, got {self.members}: pass --members 1 or more")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything a training run needs; written as config.json in the run directory."""
+
+    sae: SAEConfig
+    train: TrainConfig
+    ensemble: EnsembleConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: dataclasses.asdict(getattr(self, k)) for k in ("sae", "train", "ensemble")}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        parts = {}
+        for key, typ in (("sae", SAEConfig), ("train", TrainConfig), ("ensemble", EnsembleConfig)):
+            parts[key] = _build(typ, d.get(key, {}), key)
+        extra = set(d) - {"sae", "train", "ensemble"}
+        _require(not extra, f"unknown config section(s) {sorted(extra)}: use only sae, train, ensemble")
+        return cls(**parts)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> "RunConfig":
+        return cls.from_dict(_read_json(path))
+
+
+def _build(typ: type, values: dict[str, Any], section: str) -> Any:
+    names = {f.name for f in dataclasses.fields(typ)}
+    unknown = sorted(set(values) - names)
+    _require(not unknown, f"unknown key(s) {unknown} in config section {section!r}: valid keys are {sorted(names)}")
+    try:
+        return typ(**values)
+    except TypeError as e:  # a missing required field
+        raise SaeensError(f"config section {section!r} is incomplete ({e}): add the missing key") from None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    _require(path.is_file(), f"config file {path} does not exist: check the path")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SaeensError(f"config file {path} is not valid JSON ({e.msg} at line {e.lineno}): fix the file") from None
+    _require(isinstance(d, dict), f"config file {path} must hold a JSON object")
+    return d

@@ -1,0 +1,255 @@
+"""The on-disk activation cache: meta.json + .npy shards that numpy.load(mmap_mode="r") reads.
+
+Layout (the user-facing contract of DESIGN.md):
+  ACTS/meta.json            d_in, n_tokens, dtype, model, hook, context_length, shards, ...
+  ACTS/acts_00000.npy       float32 [rows, d_in] activations
+  ACTS/tokens_00000.npy     int32 [rows] token id that produced each row
+Each shard belongs to one split ("train" or "test"); corpora are split by document, so a shard
+never mixes splits. Shards and meta.json are written atomically (temp file + rename): a killed
+writer leaves every listed shard complete. Readers gather rows from memory-mapped shards, so
+the cache never has to fit in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from saeens.errors import SaeensError
+
+FORMAT = "saeens-activations"
+VERSION = 1
+SPLITS = ("train", "test")
+
+
+def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, arr)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write-then-rename so a reader (or a crash) never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def check_finite(acts_ND: np.ndarray, where: str) -> None:
+    """NaN/Inf activations poison training silently: name the first bad row instead."""
+    finite_N = np.isfinite(acts_ND).all(axis=1)
+    if not finite_N.all():
+        row = int(np.argmin(finite_N))
+        raise SaeensError(
+            f"{where} row {row} holds NaN/Inf activations: drop those rows or recompute them (e.g. in float32)"
+        )
+
+
+class CacheWriter:
+    """Appends shards to a new cache directory; meta.json lists only finished shards."""
+
+    def __init__(self, out: str | Path, d_in: int, meta: dict[str, Any] | None = None, shard_rows: int = 65536):
+        self.out = Path(out)
+        if self.out.exists() and any(self.out.iterdir()):
+            raise SaeensError(f"output directory {self.out} is not empty: choose a new --out or delete it first")
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.d_in = int(d_in)
+        self.shard_rows = int(shard_rows)
+        self.meta: dict[str, Any] = {
+            "format": FORMAT,
+            "version": VERSION,
+            "d_in": self.d_in,
+            "dtype": "float32",
+            "n_tokens": 0,
+            "complete": False,
+            "shards": [],
+            **(meta or {}),
+        }
+        self._pending: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {s: [] for s in SPLITS}
+
+    def add(self, acts_ND: np.ndarray, tokens_N: np.ndarray, split: str = "train") -> None:
+        if split not in SPLITS:
+            raise SaeensError(f"unknown split {split!r}: use 'train' or 'test'")
+        acts_ND = np.asarray(acts_ND, np.float32)
+        if acts_ND.ndim != 2 or acts_ND.shape[1] != self.d_in:
+            raise SaeensError(f"activations of shape {acts_ND.shape} do not match d_in={self.d_in}")
+        tokens_N = np.asarray(tokens_N, np.int32).reshape(-1)
+        if tokens_N.shape[0] != acts_ND.shape[0]:
+            raise SaeensError(f"{tokens_N.shape[0]} token ids for {acts_ND.shape[0]} activation rows")
+        check_finite(acts_ND, f"activations being cached (shard {len(self.meta['shards'])})")
+        self._pending[split].append((acts_ND, tokens_N))
+        while sum(a.shape[0] for a, _ in self._pending[split]) >= self.shard_rows:
+            self._flush(split, self.shard_rows)
+
+    def _flush(self, split: str, n: int) -> None:
+        acts = np.concatenate([a for a, _ in self._pending[split]])
+        toks = np.concatenate([t for _, t in self._pending[split]])
+        rest = (acts[n:], toks[n:])
+        self._pending[split] = [rest] if rest[0].shape[0] else []
+        i = len(self.meta["shards"])
+        entry = {"acts": f"acts_{i:05d}.npy", "tokens": f"tokens_{i:05d}.npy", "rows": int(n), "split": split}
+        _atomic_save_npy(self.out / entry["tokens"], toks[:n])
+        _atomic_save_npy(self.out / entry["acts"], acts[:n])
+        self.meta["shards"].append(entry)
+        self.meta["n_tokens"] += int(n)
+        atomic_write_text(self.out / "meta.json", json.dumps(self.meta, indent=2))
+
+    def close(self) -> Path:
+        for split in SPLITS:
+            n = sum(a.shape[0] for a, _ in self._pending[split])
+            if n:
+                self._flush(split, n)
+        if self.meta["n_tokens"] == 0:
+            raise SaeensError("no activations were written: the input is empty")
+        self.meta["complete"] = True
+        atomic_write_text(self.out / "meta.json", json.dumps(self.meta, indent=2))
+        return self.out
+
+
+def cache_from_array(
+    acts_ND: np.ndarray, out: str | Path, test_fraction: float = 0.1, meta: dict[str, Any] | None = None,
+    shard_rows: int = 65536,
+) -> Path:
+    """Any [n, d_in] array -> a cache; the last test_fraction of rows become the test split."""
+    acts_ND = np.asarray(acts_ND)
+    if acts_ND.ndim != 2 or acts_ND.shape[0] < 2:
+        raise SaeensError(f"expected an [n, d_in] array with n >= 2, got shape {acts_ND.shape}")
+    if not 0 <= test_fraction < 1:
+        raise SaeensError(f"test fraction must lie in [0, 1), got {test_fraction}")
+    check_finite(acts_ND, "input array")
+    n = acts_ND.shape[0]
+    n_test = int(round(n * test_fraction))
+    info = {"model": None, "hook": None, "context_length": None, "layout": "rows of an array", **(meta or {})}
+    writer = CacheWriter(out, acts_ND.shape[1], info, shard_rows)
+    tokens_N = np.full(n, -1, np.int32)  # no tokens behind a raw array
+    for lo in range(0, n - n_test, shard_rows):
+        hi = min(lo + shard_rows, n - n_test)
+        writer.add(acts_ND[lo:hi], tokens_N[lo:hi], "train")
+    if n_test:
+        writer.add(acts_ND[n - n_test :], tokens_N[n - n_test :], "test")
+    return writer.close()
+
+
+class ActivationCache:
+    """Read-only view of a cache directory: validated shards, row gathers, streaming chunks."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        meta_path = self.path / "meta.json"
+        if not meta_path.is_file():
+            raise SaeensError(
+                f"{self.path} is not an activation cache (no meta.json): create one with `saeens cache`"
+            )
+        try:
+            self.meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError:
+            raise SaeensError(f"{meta_path} is corrupt: re-run `saeens cache` to rewrite the cache") from None
+        if self.meta.get("format") != FORMAT or "shards" not in self.meta:
+            raise SaeensError(f"{meta_path} is not a saeens activation cache: create one with `saeens cache`")
+        self.d_in = int(self.meta["d_in"])
+        self._shards = [s for s in self.meta["shards"]]
+        for s in self._shards:
+            self._open(s["acts"])  # validates every listed shard up front
+
+    @lru_cache(maxsize=None)  # noqa: B019 - one memmap per shard for the life of the cache
+    def _open(self, name: str) -> np.ndarray:
+        f = self.path / name
+        if not f.is_file():
+            raise SaeensError(f"shard {f} is missing: restore it or re-run `saeens cache`")
+        try:
+            arr = np.load(f, mmap_mode="r")
+        except (ValueError, OSError) as e:
+            raise SaeensError(f"shard {f} is truncated or corrupt ({e}): re-run `saeens cache`") from None
+        entry = next(s for s in self._shards if s["acts"] == name)
+        if arr.ndim != 2 or arr.shape != (entry["rows"], self.d_in):
+            raise SaeensError(
+                f"shard {f} has shape {arr.shape}, meta.json says ({entry['rows']}, {self.d_in}): re-run `saeens cache`"
+            )
+        return arr
+
+    def shards(self, split: str) -> list[dict[str, Any]]:
+        if split not in (*SPLITS, "all"):
+            raise SaeensError(f"unknown split {split!r}: use train, test or all")
+        return [s for s in self._shards if split == "all" or s["split"] == split]
+
+    def n_rows(self, split: str = "train") -> int:
+        return sum(s["rows"] for s in self.shards(split))
+
+    def gather(self, idx_N: np.ndarray, split: str = "train") -> np.ndarray:
+        """Rows by index into the split's concatenated rows (any order, repeats allowed)."""
+        shards = self.shards(split)
+        bounds = np.cumsum([0] + [s["rows"] for s in shards])
+        idx_N = np.asarray(idx_N, np.int64)
+        out_ND = np.empty((idx_N.shape[0], self.d_in), np.float32)
+        which_N = np.searchsorted(bounds, idx_N, side="right") - 1
+        for si in np.unique(which_N):
+            sel = np.nonzero(which_N == si)[0]
+            local = idx_N[sel] - bounds[si]
+            order = np.argsort(local)  # sorted reads are sequential on disk
+            out_ND[sel[order]] = self._open(shards[si]["acts"])[local[order]]
+        return out_ND
+
+    def chunks(self, split: str = "test", chunk_rows: int = 8192) -> Iterator[np.ndarray]:
+        """Stream a split in order, chunk by chunk: one pass, bounded memory."""
+        for s in self.shards(split):
+            arr = self._open(s["acts"])
+            for lo in range(0, arr.shape[0], chunk_rows):
+                yield np.asarray(arr[lo : lo + chunk_rows], np.float32)
+
+    def tokens(self, split: str = "all") -> np.ndarray:
+        return np.concatenate([np.load(self.path / s["tokens"]) for s in self.shards(split)])
+
+
+def batch_indices(n_rows: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """The rows of training batch `step`: a pure function of (seed, step), so resumed runs see the
+    same data. Rows are drawn epoch by epoch from a seeded permutation (without replacement)."""
+    pos_B = step * batch_size + np.arange(batch_size, dtype=np.int64)
+    epoch_B, within_B = np.divmod(pos_B, n_rows)
+    out_B = np.empty(batch_size, np.int64)
+    for epoch in np.unique(epoch_B):
+        sel = epoch_B == epoch
+        out_B[sel] = _permutation(n_rows, seed, int(epoch))[within_B[sel]]
+    return out_B
+
+
+@lru_cache(maxsize=2)
+def _permutation(n_rows: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n_rows)
+
+
+class ArrayActivations:
+    """An in-memory [n, d_in] array with the reader interface training uses (train split = all
+    rows but the last test_fraction, like `cache_from_array`)."""
+
+    def __init__(self, acts_ND: np.ndarray, test_fraction: float = 0.0):
+        self.acts_ND = np.asarray(acts_ND, np.float32)
+        check_finite(self.acts_ND, "input array")
+        self.d_in = self.acts_ND.shape[1]
+        self._n_train = self.acts_ND.shape[0] - int(round(self.acts_ND.shape[0] * test_fraction))
+
+    def _rows(self, split: str) -> np.ndarray:
+        return {"train": self.acts_ND[: self._n_train], "test": self.acts_ND[self._n_train :], "all": self.acts_ND}[split]
+
+    def n_rows(self, split: str = "train") -> int:
+        return self._rows(split).shape[0]
+
+    def gather(self, idx_N: np.ndarray, split: str = "train") -> np.ndarray:
+        return self._rows(split)[idx_N]
+
+    def chunks(self, split: str = "test", chunk_rows: int = 8192) -> Iterator[np.ndarray]:
+        rows = self._rows(split)
+        for lo in range(0, rows.shape[0], chunk_rows):
+            yield rows[lo : lo + chunk_rows]
