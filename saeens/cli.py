@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -230,6 +231,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.getLogger("absl").setLevel(logging.CRITICAL)  # orbax logs what our one-line error says
     try:
         COMMANDS[args.command](args)
     except SaeensError as e:

@@ -38,6 +38,7 @@ class SAEConfig:
     aux_coeff: float = 1.0 / 32.0
     dead_tokens: int = 1_000_000  # a latent silent for this many tokens counts as dead
     batchtopk_threshold_decay: float = 0.99  # EMA of the inference threshold
+    kernel: str = "dense"  # topk/batchtopk training path: "dense" or "sparse" (saeens/kernels.py)
 
     def __post_init__(self) -> None:
         _require(self.arch in ARCHS, f"unknown architecture {self.arch!r}: use one of {', '.join(ARCHS)}")
@@ -52,6 +53,7 @@ class SAEConfig:
         _require(self.l0_coeff >= 0, f"l0_coeff must be >= 0, got {self.l0_coeff}")
         _require(self.jumprelu_bandwidth > 0, "jumprelu_bandwidth must be > 0")
         _require(self.dead_tokens >= 1, "dead_tokens must be >= 1")
+        _require(self.kernel in ("dense", "sparse"), f"unknown kernel {self.kernel!r}: use dense or sparse")
 
     @property
     def k_aux(self) -> int:
@@ -109,6 +111,13 @@ class RunConfig:
     sae: SAEConfig
     train: TrainConfig
     ensemble: EnsembleConfig
+
+    def __post_init__(self) -> None:
+        J = self.ensemble.members
+        _require(
+            self.ensemble.method != "single" or J == 1,
+            f"method single trains one SAE but --members is {J}: use --members 1, or expanded/bagging/boosting",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {k: dataclasses.asdict(getattr(self, k)) for k in ("sae", "train", "ensemble")}

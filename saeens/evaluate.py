@@ -6,12 +6,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
 from saeens import ensemble, metrics
 from saeens.ensemble import Ensemble
 from saeens.errors import SaeensError
+
+MAX_COFIRE = 16384
 
 
 def evaluate_ensemble(ens: Ensemble, acts, split: str = "test", progress: bool = False) -> dict[str, float]:
@@ -20,9 +21,12 @@ def evaluate_ensemble(ens: Ensemble, acts, split: str = "test", progress: bool =
         raise SaeensError(f"the run expects d_in={ens.cfg.d_in} but the activations have d_in={acts.d_in}: use the run's cache")
     if acts.n_rows(split) == 0:
         raise SaeensError(f"the activation cache has no {split!r} rows: pass --split train or rebuild the cache")
-    forward = jax.jit(partial(ensemble.forward, ens))
-    out = metrics.evaluate_stream(forward, acts.chunks(split), ens.width, progress=progress)
-    out["diversity"] = metrics.diversity(np.asarray(ensemble.decoder(ens)))
+    forward = partial(ensemble.forward, ens)
+    # the co-firing matrix for connectivity is F x F booleans: skipped (NaN) past MAX_COFIRE features
+    out = metrics.evaluate_stream(
+        forward, acts.chunks(split), ens.width, cofire=ens.width <= MAX_COFIRE, progress=progress
+    )
+    out["diversity"] = int(metrics.diversity(ensemble.decoder(ens)))
     out["n_features"] = ens.width
     return out
 
@@ -44,7 +48,12 @@ def stability_of_runs(runs: list[str | Path]) -> dict[str, Any]:
     decoders = [np.asarray(ensemble.decoder(load_ensemble(r)[0])) for r in runs]
     if len({d.shape[1] for d in decoders}) != 1:
         raise SaeensError("the runs have different d_in: compare runs trained on the same activations")
-    return {"runs": [str(r) for r in runs], **metrics.stability(decoders), **metrics.hungarian_stability(decoders)}
+    out: dict[str, Any] = {"runs": [str(r) for r in runs], "features_per_run": [int(d.shape[0]) for d in decoders]}
+    for name, result in (("stability", metrics.stability(decoders)), ("hungarian_stability", metrics.hungarian_stability(decoders))):
+        out[name] = result["mean"]
+        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = result["ci_low"], result["ci_high"]
+        out[f"{name}_scores"] = result["scores"]
+    return out
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

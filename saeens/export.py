@@ -196,9 +196,10 @@ def export_saelens(
     if scale is not None:
         if not (math.isfinite(scale) and scale > 0):
             raise SaeensError(f"activation scale must be a finite number > 0, got {scale}: check the run's config")
-        ens = dataclasses.replace(ens, params=sae_lib.fold_scale(ens.params, cfg, scale))
+        ens = dataclasses.replace(ens, params=jax.jit(sae_lib.fold_scale, static_argnums=1)(ens.params, cfg, scale))
 
     J = ens.n_members
+    host = {k: np.asarray(jax.device_get(v)) for k, v in ens.params.items()}  # index members on the host
     common = {"model_name": model_name, "hook_name": hook_name, **(metadata or {}), "saeens_method": method}
     weights = [float(w) for w in np.asarray(jax.device_get(ens.weights), np.float32)]
 
@@ -206,13 +207,13 @@ def export_saelens(
     saes: dict[str, tuple[dict[str, Any], dict[str, np.ndarray], dict[str, np.ndarray]]] = {}
     manifest: dict[str, Any] | None = None
     if method in ("single", "expanded"):
-        tensors, extra = saelens_tensors(cfg, ens_lib.member(ens, 0))
+        tensors, extra = saelens_tensors(cfg, {k: v[0] for k, v in host.items()})
         saes["."] = (saelens_cfg(cfg, {**common, "saeens_role": method}), tensors, extra)
     else:
         prefix = "stage" if method == "boosting" else "member"
         names = [f"{prefix}_{j}" for j in range(J)]
         for j, name in enumerate(names):
-            tensors, extra = saelens_tensors(cfg, ens_lib.member(ens, j))
+            tensors, extra = saelens_tensors(cfg, {k: v[j] for k, v in host.items()})
             role = {"saeens_role": prefix, "saeens_index": j, "saeens_weight": weights[j], "saeens_members": J}
             saes[name] = (saelens_cfg(cfg, {**common, **role}), tensors, extra)
         single_equivalent: str | None = None
@@ -399,7 +400,7 @@ def load_saelens(path: Path | str) -> tuple[SAEConfig, Params]:
             with np.errstate(divide="ignore"):
                 log_threshold = np.log(np.maximum(threshold.astype(np.float64), 0.0)).astype(np.float32)
         arrs["log_threshold"] = log_threshold
-    return cfg, {k: jnp.asarray(v) for k, v in arrs.items()}
+    return cfg, {k: jax.device_put(v) for k, v in arrs.items()}  # device_put: no per-shape compile
 
 
 def load_export(path: Path | str) -> Ensemble:
@@ -408,8 +409,9 @@ def load_export(path: Path | str) -> Ensemble:
     if not path.is_dir():
         raise SaeensError(f"export directory {path} does not exist: check the path")
     if not (path / MANIFEST_FILENAME).exists():
-        cfg, params = load_saelens(path)
-        return ens_lib.single(cfg, params)
+        cfg, params = load_saelens(path)  # == ensemble.single(cfg, params), without device ops
+        stacked = {k: jax.device_put(np.asarray(v)[None]) for k, v in params.items()}
+        return Ensemble(stacked, jax.device_put(np.ones((1,), np.float32)), cfg)
     man = _read_json(path / MANIFEST_FILENAME, "manifest")
     method = man.get("method")
     if method not in ("bagging", "boosting"):
@@ -435,9 +437,9 @@ def load_export(path: Path | str) -> Ensemble:
     for n, (c, _) in zip(names, loaded):
         if c != cfg0:
             raise SaeensError(f"member {n} has config {c}, unlike {names[0]} ({cfg0}): members must share one architecture")
-    params = {k: jnp.stack([p[k] for _, p in loaded]) for k in loaded[0][1]}
+    params = {k: jax.device_put(np.stack([np.asarray(p[k]) for _, p in loaded])) for k in loaded[0][1]}
     try:
-        w = jnp.asarray(np.asarray(weights, np.float32))
+        w = jax.device_put(np.asarray(weights, np.float32))
     except (TypeError, ValueError):
         raise SaeensError(f"{path / MANIFEST_FILENAME}: weights {weights!r} are not numbers: re-export the run") from None
     return Ensemble(params, w, cfg0, sequential=method == "boosting")

@@ -47,15 +47,21 @@ def _ev_from_sse_sst(sse_D: jax.Array, sst_D: jax.Array) -> jax.Array:
     return 1.0 - jnp.sum(ratio_D) / jnp.sum(varies_D)
 
 
+def _centred(x_BD: jax.Array) -> jax.Array:
+    """x - mean_over_tokens(x), with the mean taken of x - x[0] so a large common offset cancels exactly."""
+    y_BD = x_BD - x_BD[:1]
+    return y_BD - y_BD.mean(0)
+
+
 def explained_variance(x_BD: jax.Array, x_hat_BD: jax.Array) -> jax.Array:
     """The paper's EV: per dimension 1 - SSE_d/SST_d over the tokens, averaged over d.
 
-    SST_d is centred on the per-dimension mean (two-pass), so a large common offset in the
-    activations does not cancel catastrophically. Dimensions with zero variance are skipped.
+    SST_d is centred on the per-dimension mean (two-pass, shifted), so a large common offset in
+    the activations does not cancel catastrophically. Dimensions with zero variance are skipped.
     """
     x_BD = jnp.asarray(x_BD, jnp.float32)
     sse_D = jnp.sum((x_BD - x_hat_BD) ** 2, axis=0)
-    sst_D = jnp.sum((x_BD - x_BD.mean(0)) ** 2, axis=0)
+    sst_D = jnp.sum(_centred(x_BD) ** 2, axis=0)
     return _ev_from_sse_sst(sse_D, sst_D)
 
 
@@ -70,14 +76,14 @@ def explained_variance_per_token(x_BD: jax.Array, x_hat_BD: jax.Array) -> jax.Ar
     """
     x_BD = jnp.asarray(x_BD, jnp.float32)
     sse_B = jnp.sum((x_BD - x_hat_BD) ** 2, axis=-1)
-    sst_B = jnp.sum((x_BD - x_BD.mean(0)) ** 2, axis=-1)
+    sst_B = jnp.sum(_centred(x_BD) ** 2, axis=-1)
     return jnp.mean(1.0 - sse_B / sst_B)
 
 
 def explained_variance_pooled(x_BD: jax.Array, x_hat_BD: jax.Array) -> jax.Array:
     """1 - sum_d SSE_d / sum_d SST_d: sae_lens>=6's "explained_variance" (dominated by high-variance dims)."""
     x_BD = jnp.asarray(x_BD, jnp.float32)
-    return 1.0 - jnp.sum((x_BD - x_hat_BD) ** 2) / jnp.sum((x_BD - x_BD.mean(0)) ** 2)
+    return 1.0 - jnp.sum((x_BD - x_hat_BD) ** 2) / jnp.sum(_centred(x_BD) ** 2)
 
 
 def fvu(x_BD: jax.Array, x_hat_BD: jax.Array) -> jax.Array:
@@ -299,13 +305,16 @@ _SUM_KEYS = ("sse_D", "xhat_sq", "x_dot_xhat", "ev_tok", "l0")
 class Stats:
     """Running sums for the per-batch metrics over a stream of chunks (a pytree; see update_stats).
 
-    mean_D / m2_D: per-dimension mean and sum of squared deviations, merged chunk by chunk with
-    Chan et al.'s formula (each chunk centred two-pass), so SST stays exact in float32 even when
-    activations share a large offset. sums: Kahan-compensated float32 sums (comp holds the
-    compensations). cofire_FF: OR of (Z^T Z > 0) over chunks, or None when turned off.
+    shift_D: the first chunk's mean, subtracted from every chunk; mean_D / m2_D: per-dimension
+    mean of (x - shift) and sum of squared deviations, merged chunk by chunk with Chan et al.'s
+    formula (each chunk centred two-pass). Shifted values are small, so the means are stored
+    precisely and SST stays accurate in float32 even when activations share a large offset.
+    sums: Kahan-compensated float32 sums (comp holds the compensations). fire_F and n_tokens are
+    int32 (up to 2^31 tokens). cofire_FF: OR of (Z^T Z > 0) over chunks, or None when turned off.
     """
 
     n_tokens: jax.Array  # int32 []
+    shift_D: jax.Array
     mean_D: jax.Array
     m2_D: jax.Array
     sums: dict[str, jax.Array]
@@ -315,10 +324,15 @@ class Stats:
 
 
 def init_stats(d_in: int, n_features: int, cofire: bool = True) -> Stats:
-    """Empty accumulator. cofire=False skips the [F, F] co-firing matrix (F^2 bytes): connectivity is NaN."""
+    """Empty accumulator. cofire=False skips the [F, F] co-firing matrix, so connectivity is NaN.
+
+    With co-firing on, memory is F^2 bytes for the matrix plus a float32 F x F product per chunk
+    (F = 16k: 0.27 + 1 GB; F = 36k: 1.3 + 5.2 GB): turn it off for wide ensembles on small devices.
+    """
     sums = {k: jnp.zeros((d_in,) if k.endswith("_D") else (), jnp.float32) for k in _SUM_KEYS}
     return Stats(
         n_tokens=jnp.zeros((), jnp.int32),
+        shift_D=jnp.zeros((d_in,), jnp.float32),
         mean_D=jnp.zeros((d_in,), jnp.float32),
         m2_D=jnp.zeros((d_in,), jnp.float32),
         sums=sums,
@@ -335,18 +349,20 @@ def _kahan_add(total: jax.Array, comp: jax.Array, x: jax.Array) -> tuple[jax.Arr
 
 
 def update_stats(stats: Stats, x_BD: jax.Array, x_hat_BD: jax.Array, codes_BF: jax.Array) -> Stats:
-    """Fold one chunk into the running sums (pure; jit it, ideally with donate_argnums=0)."""
+    """Fold one non-empty chunk into the running sums (pure; `update_stats_jit` is it jitted, donating)."""
     x_BD = jnp.asarray(x_BD, jnp.float32)
     x_hat_BD = jnp.asarray(x_hat_BD, jnp.float32)
     B = x_BD.shape[0]
     err_BD = x_BD - x_hat_BD
     sse_B = jnp.sum(err_BD**2, axis=-1)
-    chunk_mean_D = x_BD.mean(0)
-    centred_BD = x_BD - chunk_mean_D
-    chunk_m2_D = jnp.sum(centred_BD**2, axis=0)
     Z_BF = firing(codes_BF)
 
-    # Chan et al. parallel merge of (n, mean, M2)
+    # Chan et al. parallel merge of (n, mean, M2) of y = x - shift, shift = the first chunk's mean
+    shift_D = jnp.where(stats.n_tokens == 0, (x_BD - x_BD[:1]).mean(0) + x_BD[0], stats.shift_D)
+    y_BD = x_BD - shift_D
+    chunk_mean_D = y_BD.mean(0)
+    centred_BD = y_BD - chunk_mean_D
+    chunk_m2_D = jnp.sum(centred_BD**2, axis=0)
     n_a = stats.n_tokens.astype(jnp.float32)
     n = n_a + B
     delta_D = chunk_mean_D - stats.mean_D
@@ -368,6 +384,7 @@ def update_stats(stats: Stats, x_BD: jax.Array, x_hat_BD: jax.Array, codes_BF: j
         cofire_FF = cofire_FF | ((Zf_BF.T @ Zf_BF) > 0)
     return Stats(
         n_tokens=stats.n_tokens + B,
+        shift_D=shift_D,
         mean_D=mean_D,
         m2_D=m2_D,
         sums={k: p[0] for k, p in pairs.items()},

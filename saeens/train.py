@@ -13,6 +13,7 @@ ends with the same parameters as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -134,14 +135,13 @@ def single_method(cfg: SAEConfig, tcfg: TrainConfig) -> Method:
     )
 
 
+@functools.lru_cache(maxsize=16)
 def build_method(run: RunConfig) -> Method:
-    """single | expanded | bagging | boosting -> its Method."""
+    """single | expanded | bagging | boosting -> its Method (cached: a config compiles once)."""
     from saeens import bagging, boosting  # they build on this module
 
     method, J = run.ensemble.method, run.ensemble.members
     if method == "single":
-        if J != 1:
-            raise SaeensError(f"method single trains one SAE but --members is {J}: use --members 1, or expanded/bagging/boosting")
         return single_method(run.sae, run.train)
     if method == "expanded":
         return single_method(run.sae.replace(width=run.sae.width * J), run.train)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -25,23 +26,54 @@ SAELENS_CLASS = {"relu": "StandardSAE", "topk": "TopKSAE", "jumprelu": "JumpReLU
 ATOL = 1e-5
 
 
-def make_params(arch: str, J: int, seed: int = 0) -> tuple[SAEConfig, dict]:
-    """J random members with non-trivial biases, encoders and thresholds."""
-    cfg = SAEConfig(d_in=D, width=M, arch=arch, k=K)
-    k_init, k_enc, k_benc, k_bdec, k_thr = jax.random.split(jax.random.key(seed), 5)
-    params = jax.vmap(lambda key: sae.init(key, cfg))(jax.random.split(k_init, J))
+@partial(jax.jit, static_argnums=(0, 1))
+def _random_params(cfg: SAEConfig, J: int, key: jax.Array) -> dict:
+    k_init, k_enc, k_benc, k_bdec, k_thr = jax.random.split(key, 5)
+    params = jax.vmap(lambda k: sae.init(k, cfg))(jax.random.split(k_init, J))
     params["W_enc"] = params["W_enc"] + 0.2 * jax.random.normal(k_enc, params["W_enc"].shape)
     params["b_enc"] = 0.3 * jax.random.normal(k_benc, (J, M))
     params["b_dec"] = 0.5 * jax.random.normal(k_bdec, (J, D))
-    if arch == "jumprelu":
+    if cfg.arch == "jumprelu":
         params["log_threshold"] = jnp.log(0.2) + 0.5 * jax.random.normal(k_thr, (J, M))
-    if arch == "batchtopk":
+    if cfg.arch == "batchtopk":
         params["threshold"] = 0.1 + 0.3 * jax.random.uniform(k_thr, (J, M))
-    return cfg, params
+    return params
+
+
+def make_params(arch: str, J: int, seed: int = 0) -> tuple[SAEConfig, dict]:
+    """J random members (sae.init under vmap) with non-trivial biases, encoders and thresholds."""
+    cfg = SAEConfig(d_in=D, width=M, arch=arch, k=K)
+    return cfg, _random_params(cfg, J, jax.random.key(seed))
 
 
 def inputs(seed: int = 1, n: int = 64) -> np.ndarray:
-    return np.asarray(jax.random.normal(jax.random.key(seed), (n, D)), np.float32)
+    return np.random.default_rng(seed).standard_normal((n, D)).astype(np.float32)
+
+
+@partial(jax.jit, static_argnums=1)
+def _sae_forward(params: dict, cfg: SAEConfig, x: jax.Array):
+    return sae.forward(params, cfg, x)
+
+
+def sae_forward(params: dict, cfg: SAEConfig, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """saeens' (reconstruction, codes) of one SAE, as numpy."""
+    recon, codes = _sae_forward(params, cfg, jnp.asarray(x))
+    return np.asarray(recon), np.asarray(codes)
+
+
+@jax.jit
+def _ens_forward(ens: ensemble.Ensemble, x: jax.Array):
+    return ensemble.forward(ens, x)
+
+
+def ens_forward(ens: ensemble.Ensemble, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """saeens' ensemble (reconstruction, weighted concatenated codes), as numpy."""
+    recon, codes = _ens_forward(ens, jnp.asarray(x))
+    return np.asarray(recon), np.asarray(codes)
+
+
+def member(ens: ensemble.Ensemble, j: int) -> dict:
+    return {k: np.asarray(v)[j] for k, v in ens.params.items()}
 
 
 def sl_load(path: Path):
@@ -73,8 +105,8 @@ def assert_tree_equal(a: dict, b: dict) -> None:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_single_sae_loads_in_saelens_and_matches(arch, tmp_path):
     cfg, params_J = make_params(arch, 1)
-    ens = ensemble.single(cfg, ensemble.member(ensemble.bagging(cfg, params_J), 0))
-    p = ensemble.member(ens, 0)
+    ens = ensemble.bagging(cfg, params_J)  # J = 1: weight 1, not sequential, i.e. ensemble.single
+    p = member(ens, 0)
     out = export_saelens(ens, "single", tmp_path / "sae", hook_name="blocks.3.hook_resid_post", model_name="tiny")
     assert sorted(f.name for f in out.iterdir() if f.name != "saeens_extra.safetensors") == [
         "cfg.json",
@@ -95,11 +127,11 @@ def test_single_sae_loads_in_saelens_and_matches(arch, tmp_path):
     if arch == "topk":
         assert model.cfg.k == K
     x = inputs()
-    codes = np.asarray(sae.encode(p, cfg, jnp.asarray(x)))
+    recon, codes = sae_forward(p, cfg, x)  # recon = sae.decode(p, codes), codes = sae.encode(p, cfg, x)
     assert 0 < (codes > 0).mean() < 1  # non-trivial sparsity pattern
     np.testing.assert_allclose(sl_encode(model, x), codes, atol=ATOL, rtol=0)
-    np.testing.assert_allclose(sl_decode(model, codes), np.asarray(sae.decode(p, jnp.asarray(codes))), atol=ATOL, rtol=0)
-    np.testing.assert_allclose(sl_forward(model, x), np.asarray(sae.forward(p, cfg, jnp.asarray(x))[0]), atol=ATOL, rtol=0)
+    np.testing.assert_allclose(sl_decode(model, codes), recon, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(sl_forward(model, x), recon, atol=ATOL, rtol=0)
 
     # our reader is the exact inverse
     cfg2, p2 = load_saelens(out)
@@ -107,7 +139,7 @@ def test_single_sae_loads_in_saelens_and_matches(arch, tmp_path):
     assert_tree_equal(p2, p)
     back = load_export(out)
     assert back.n_members == 1 and back.cfg == cfg and not back.sequential
-    assert_tree_equal(ensemble.member(back, 0), p)
+    assert_tree_equal(member(back, 0), p)
 
 
 def test_topk_semantics_match_saelens_when_fewer_than_k_positive(tmp_path):
@@ -117,7 +149,7 @@ def test_topk_semantics_match_saelens_when_fewer_than_k_positive(tmp_path):
     ens = ensemble.boosting(cfg, params_J)
     out = export_saelens(ens, "boosting", tmp_path / "e")
     x = inputs(seed=5)
-    codes = np.asarray(sae.encode(ensemble.member(ens, 0), cfg, jnp.asarray(x)))
+    _, codes = sae_forward(member(ens, 0), cfg, x)
     assert ((codes > 0).sum(-1) < K).any()  # some rows keep fewer than k positive latents
     np.testing.assert_allclose(sl_encode(sl_load(out / "stage_0"), x), codes, atol=ATOL, rtol=0)
 
@@ -140,17 +172,18 @@ def test_bagging_exports_members_and_the_one_equivalent_sae(arch, tmp_path):
     single = sl_load(out)
     assert type(single).__name__ == ("StandardSAE" if arch == "relu" else "JumpReLUSAE")
     assert single.cfg.d_sae == J * M
-    want = np.asarray(ensemble.reconstruct(ens, jnp.asarray(x)))
+    want, want_codes = ens_forward(ens, x)
     np.testing.assert_allclose(sl_forward(single, x), want, atol=ATOL, rtol=0)
-    np.testing.assert_allclose(sl_encode(single, x), np.asarray(ensemble.encode(ens, jnp.asarray(x))), atol=ATOL, rtol=0)
+    np.testing.assert_allclose(sl_encode(single, x), want_codes, atol=ATOL, rtol=0)
 
     # every member is an SAELens SAE of its own, and their mean is the ensemble
     recons = []
     for j in range(J):
-        member = sl_load(out / f"member_{j}")
-        pj = ensemble.member(ens, j)
-        np.testing.assert_allclose(sl_encode(member, x), np.asarray(sae.encode(pj, cfg, jnp.asarray(x))), atol=ATOL, rtol=0)
-        recons.append(sl_forward(member, x))
+        model = sl_load(out / f"member_{j}")
+        recon_j, codes_j = sae_forward(member(ens, j), cfg, x)
+        np.testing.assert_allclose(sl_encode(model, x), codes_j, atol=ATOL, rtol=0)
+        np.testing.assert_allclose(sl_forward(model, x), recon_j, atol=ATOL, rtol=0)
+        recons.append(sl_forward(model, x))
     np.testing.assert_allclose(np.mean(recons, axis=0), want, atol=ATOL, rtol=0)
 
     back = load_export(out)
@@ -172,7 +205,7 @@ def test_topk_bagging_writes_members_and_no_single_sae(tmp_path):
     assert man["combine"] == "mean of member reconstructions"
     x = inputs(seed=6)
     recons = [sl_forward(sl_load(out / f"member_{j}"), x) for j in range(J)]
-    np.testing.assert_allclose(np.mean(recons, axis=0), np.asarray(ensemble.reconstruct(ens, jnp.asarray(x))), atol=ATOL, rtol=0)
+    np.testing.assert_allclose(np.mean(recons, axis=0), ens_forward(ens, x)[0], atol=ATOL, rtol=0)
     back = load_export(out)
     assert back.cfg == cfg
     assert_tree_equal(back.params, ens.params)
@@ -197,7 +230,7 @@ def test_boosting_writes_stages_in_order(arch, tmp_path):
     for name in man["order"]:
         g = sl_forward(sl_load(out / name), r)
         total, r = total + g, r - g
-    np.testing.assert_allclose(total, np.asarray(ensemble.reconstruct(ens, jnp.asarray(x))), atol=ATOL, rtol=0)
+    np.testing.assert_allclose(total, ens_forward(ens, x)[0], atol=ATOL, rtol=0)
 
     back = load_export(out)
     assert back.cfg == cfg and back.sequential
@@ -249,11 +282,11 @@ def test_method_must_match_the_ensemble(tmp_path):
 
 def test_activation_scale_is_folded_into_the_export(tmp_path):
     cfg, params_J = make_params("jumprelu", 1, seed=9)
-    ens = ensemble.boosting(cfg, params_J)
+    ens = ensemble.bagging(cfg, params_J)
     s = 3.7  # trained on s * x
     out = export_saelens(ens, "single", tmp_path / "s", scale=s)
     x = inputs(seed=10)
-    want = np.asarray(sae.forward(ensemble.member(ens, 0), cfg, jnp.asarray(s * x))[0]) / s
+    want = sae_forward(member(ens, 0), cfg, s * x)[0] / s
     np.testing.assert_allclose(sl_forward(sl_load(out), x), want, atol=ATOL, rtol=0)
 
 

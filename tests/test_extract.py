@@ -142,6 +142,18 @@ def test_extract_from_an_array_and_row_limit(tmp_path):
     assert np.load(tmp_path / "a" / "contexts_train.npy").shape == (5, 2)  # 23 rows touch 5 contexts of 5
 
 
+def test_bfloat16_activations_are_cached_as_float32(tmp_path):
+    import jax.numpy as jnp
+
+    ctx_NT = np.arange(1, 13, dtype=np.int32).reshape(3, 4)
+    ctx_NT[:, 0] = BOS
+    extract_to_cache(lambda t: jnp.asarray(fake_acts_fn(t), jnp.bfloat16), ctx_NT, tmp_path / "bf", progress=False)
+    got = ActivationCache(tmp_path / "bf").gather(np.arange(9))
+    want = np.asarray(jnp.asarray(fake_acts_fn(ctx_NT), jnp.bfloat16), np.float32)[:, 1:].reshape(-1, D)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)
+
+
 def test_nan_activations_name_the_row(tmp_path):
     ctx_NT = np.ones((6, 5), np.int32)
     ctx_NT[:, 0] = BOS

