@@ -26,6 +26,9 @@ SAELENS_CLASS = {"relu": "StandardSAE", "topk": "TopKSAE", "jumprelu": "JumpReLU
 ATOL = 1e-5
 
 
+J_MAX = 3  # one compiled generator per architecture; smaller ensembles take the first members
+
+
 @partial(jax.jit, static_argnums=(0, 1))
 def _random_params(cfg: SAEConfig, J: int, key: jax.Array) -> dict:
     k_init, k_enc, k_benc, k_bdec, k_thr = jax.random.split(key, 5)
@@ -43,7 +46,11 @@ def _random_params(cfg: SAEConfig, J: int, key: jax.Array) -> dict:
 def make_params(arch: str, J: int, seed: int = 0) -> tuple[SAEConfig, dict]:
     """J random members (sae.init under vmap) with non-trivial biases, encoders and thresholds."""
     cfg = SAEConfig(d_in=D, width=M, arch=arch, k=K)
-    return cfg, _random_params(cfg, J, jax.random.key(seed))
+    params = _random_params(cfg, J_MAX, jax.random.fold_in(_KEY, seed))
+    return cfg, {k: jax.device_put(np.asarray(v)[:J]) for k, v in params.items()}
+
+
+_KEY = jax.random.key(0)
 
 
 def inputs(seed: int = 1, n: int = 64) -> np.ndarray:

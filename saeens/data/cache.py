@@ -97,7 +97,7 @@ class CacheWriter:
     def _flush(self, split: str, n: int) -> None:
         acts = np.concatenate([a for a, _ in self._pending[split]])
         toks = np.concatenate([t for _, t in self._pending[split]])
-        rest = (acts[n:], toks[n:])
+        rest = (acts[n:].copy(), toks[n:].copy())  # no view pinning the whole shard in memory
         self._pending[split] = [rest] if rest[0].shape[0] else []
         i = len(self.meta["shards"])
         entry = {"acts": f"acts_{i:05d}.npy", "tokens": f"tokens_{i:05d}.npy", "rows": int(n), "split": split}

@@ -105,7 +105,11 @@ def _init(rngs: nnx.Rngs | None, shape: tuple[int, ...], dtype, std: float = 0.0
     """N(0, std) weights; with rngs=None only the shape (loaders fill it: no allocation, no tracing)."""
     if rngs is None:
         return nnx.Param(jax.ShapeDtypeStruct(shape, jnp.dtype(dtype)))
-    return nnx.Param((std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype))
+    # numpy draws seeded by the nnx key: jax.random.normal would compile threefry once per shape
+    # (seconds each on a small CPU); these are only starting points, the loaders overwrite them.
+    seed = np.asarray(jax.random.key_data(rngs.params())).ravel().tolist()
+    w = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32) * std
+    return nnx.Param(jnp.asarray(w, dtype=dtype))
 
 
 def _const(rngs: nnx.Rngs | None, shape: tuple[int, ...], dtype, value: float = 0.0) -> nnx.Param:
