@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="saelens", choices=("saelens",))
     p.add_argument("--out", required=True)
 
+    p = sub.add_parser("demo", help="cache SmolLM2-135M activations, train single/bagging/boosting SAEs, report")
+    p.add_argument("--out", default="saeens-demo", help="output directory (default: saeens-demo)")
+    p.add_argument("--cache-tokens", type=int, help="activation rows to cache (default 60000)")
+    p.add_argument("--train-tokens", type=int, help="training tokens per SAE / stage (default 240000)")
+    p.add_argument("--quiet", action="store_true")
+
     p = sub.add_parser("stability", help="feature stability across independently trained runs")
     p.add_argument("runs", nargs="+")
     p.add_argument("--json", dest="json_out")
@@ -219,7 +225,21 @@ def _write_json(path: str | None, obj: dict[str, Any]) -> None:
         atomic_write_text(Path(path), json.dumps(obj, indent=2))
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from saeens.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig()
+    if args.cache_tokens is not None:
+        cfg = dataclasses.replace(cfg, cache_tokens=args.cache_tokens)
+    if args.train_tokens is not None:
+        cfg = dataclasses.replace(cfg, train_tokens=args.train_tokens)
+    run_demo(args.out, cfg, progress=not args.quiet)
+
+
 COMMANDS = {
+    "demo": cmd_demo,
     "cache": cmd_cache,
     "synthetic": cmd_synthetic,
     "train": cmd_train,

@@ -1,0 +1,1 @@
+"""Downstream evaluations: spliced LM loss, sparse probing, spurious-correlation removal."""
