@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
@@ -194,6 +193,7 @@ def export_saelens(
     if d_in is not None and d_in != cfg.d_in:
         raise SaeensError(f"d_in={d_in} does not match the SAEs' d_in={cfg.d_in}: export the run trained on these activations")
     if scale is not None:
+        scale = float(scale)
         if not (math.isfinite(scale) and scale > 0):
             raise SaeensError(f"activation scale must be a finite number > 0, got {scale}: check the run's config")
         ens = dataclasses.replace(ens, params=jax.jit(sae_lib.fold_scale, static_argnums=1)(ens.params, cfg, scale))
@@ -227,7 +227,8 @@ def export_saelens(
             single_cfg, single_params = ens_lib.to_single(ens)
             tensors, extra = saelens_tensors(single_cfg, single_params)
             role = {"saeens_role": "single_equivalent", "saeens_members": J,
-                    "training_architecture": _TRAINING_ARCH[cfg.arch]}
+                    "training_architecture": _TRAINING_ARCH[cfg.arch],
+                    "training_architecture_details": {"k": cfg.k} if cfg.arch == "batchtopk" else {}}
             saes["."] = (saelens_cfg(single_cfg, {**common, **role}), tensors, extra)
             single_equivalent = "."
         if method == "boosting":
@@ -260,8 +261,11 @@ def export_saelens(
             "saeens_version": _saeens_version(),
         }
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    except OSError as e:
+        raise SaeensError(f"cannot write next to {out} ({e.strerror}): pass an --out directory you can write to") from None
     try:
         for rel, (cfg_json, tensors, extra) in saes.items():
             _write_sae(tmp / rel, cfg_json, tensors, extra)
@@ -269,10 +273,12 @@ def export_saelens(
             (tmp / MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2) + "\n")
         _check_target(out)  # again: something may have appeared meanwhile
         os.chmod(tmp, 0o777 & ~_umask())
-        try:
-            os.replace(tmp, out)  # atomic; replaces an empty directory, refuses a non-empty one
-        except OSError as e:
-            raise SaeensError(f"cannot move the export into {out} ({e.strerror}): pass a new or empty directory to --out") from None
+        os.replace(tmp, out)  # atomic; replaces an empty directory, refuses a non-empty one
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SaeensError(
+            f"writing the export to {out} failed ({e.strerror or e}): free disk space or pass a new, empty --out directory (nothing was written)"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -300,13 +306,42 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     return d
 
 
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
+
+
+def _read_tensors_raw(path: Path) -> dict[str, np.ndarray]:
+    """The safetensors layout by hand (8-byte header size, JSON header, data), for the dtypes
+    safetensors.numpy cannot represent: SAELens also saves bfloat16 SAEs."""
+    import ml_dtypes  # a jax dependency
+
+    dtypes = {**_ST_DTYPES, "BF16": ml_dtypes.bfloat16}
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    data = memoryview(raw)[8 + n :]
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in dtypes:
+            raise ValueError(f"tensor {name} has dtype {info['dtype']}, not a float type")
+        start, end = info["data_offsets"]
+        arr = np.frombuffer(data[start:end], dtype=dtypes[info["dtype"]]).reshape(info["shape"])
+        out[name] = arr.astype(np.float32)
+    return out
+
+
 def _read_tensors(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise SaeensError(f"weights file {path} is missing: point at a directory written by `saeens export` or SAELens")
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, TypeError) as e:
-        raise SaeensError(f"weights file {path} is unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__}): re-export it") from None
+        try:
+            return load_file(str(path))
+        except TypeError:  # e.g. bfloat16, which numpy lacks
+            return _read_tensors_raw(path)
+    except (SafetensorError, OSError, ValueError, TypeError, KeyError, json.JSONDecodeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SaeensError(f"weights file {path} is unreadable ({first}): re-export it") from None
 
 
 def _sae_config_from(cfg_json: dict[str, Any], path: Path) -> SAEConfig:
@@ -368,6 +403,8 @@ def load_saelens(path: Path | str) -> tuple[SAEConfig, Params]:
     path = Path(path)
     if not path.is_dir():
         raise SaeensError(f"SAE directory {path} does not exist: check the path")
+    if not (path / CFG_FILENAME).exists() and (path / MANIFEST_FILENAME).exists():
+        raise SaeensError(f"{path} is an ensemble export with no single SAE (see its manifest.json): use load_export({str(path)!r})")
     cfg_json = _read_json(path / CFG_FILENAME, "SAELens config")
     cfg = _sae_config_from(cfg_json, path)
     tensors = _read_tensors(path / WEIGHTS_FILENAME)

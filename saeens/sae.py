@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from saeens import kernels
 from saeens.config import SAEConfig
 
 Params = dict[str, jax.Array]
@@ -149,7 +150,14 @@ def auxk_loss(
 def loss(
     params: Params, cfg: SAEConfig, x_BD: jax.Array, dead_M: jax.Array
 ) -> tuple[jax.Array, dict[str, Any]]:
-    """Training loss: per-token squared error summed over d, mean over tokens, + sparsity/aux terms."""
+    """Training loss: per-token squared error summed over d, mean over tokens, + sparsity/aux terms.
+
+    aux: mse, sparsity_loss, codes [B, M] and the summaries a train step needs (fired [M], l0,
+    min_kept). cfg.kernel == "sparse" (topk/batchtopk) computes the same loss and gradients with
+    saeens/kernels.py, whose backward pass touches only the selected latents.
+    """
+    if cfg.kernel == "sparse" and cfg.arch in ("topk", "batchtopk"):
+        return kernels.sparse_loss(params, cfg, x_BD, dead_M)
     pre_BM = pre_activations(params, x_BD)
     codes_BM = activate(params, cfg, pre_BM, train=True)
     x_hat_BD = decode(params, codes_BM)
@@ -163,7 +171,15 @@ def loss(
         sparsity = cfg.l0_coeff * jnp.mean(jnp.sum(gates_BM, axis=-1))
     else:
         sparsity = cfg.aux_coeff * auxk_loss(pre_BM, err_BD, x_BD, dead_M, params["W_dec"], cfg.k_aux)
-    aux = {"mse": mse, "sparsity_loss": sparsity, "codes": codes_BM}
+    on_BM = jax.lax.stop_gradient(codes_BM) > 0
+    aux = {
+        "mse": mse,
+        "sparsity_loss": sparsity,
+        "codes": codes_BM,
+        "fired": jnp.any(on_BM, axis=0),
+        "l0": jnp.mean(jnp.sum(on_BM, axis=-1)),
+        "min_kept": jnp.min(jnp.where(on_BM, jax.lax.stop_gradient(codes_BM), jnp.inf)),
+    }
     return mse + sparsity, aux
 
 

@@ -187,11 +187,13 @@ def fit(
     *,
     progress: bool = True,
     stop_after: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Ensemble:
     """Train (or resume) the run in run_dir; returns the final ensemble in activation units.
 
     stop_after ends the loop early after that many steps (as an interruption would), leaving the
-    last checkpoint in place: used to test resumption.
+    last checkpoint in place: used to test resumption. mesh (saeens.sharding.make_mesh) trains with
+    the state, each batch and the restored checkpoint on that mesh (any mesh resumes any checkpoint).
     """
     from tqdm.auto import tqdm
 
@@ -207,6 +209,12 @@ def fit(
         raise SaeensError(f"activations have d_in={sample.shape[-1]} but the run expects {run.sae.d_in}: use a matching cache")
     init_key, step_key = jax.random.split(jax.random.key(tcfg.seed))
     abstract = jax.eval_shape(method.init, init_key, sample)
+    if mesh is not None:  # state, batches and checkpoints on the mesh (saeens/sharding.py)
+        from saeens import sharding
+
+        stacked = sharding.is_stacked(run.ensemble.method)
+        method = sharding.shard_method(method, mesh, stacked)  # init places, step keeps the layout
+        abstract = sharding.abstract_state(abstract, mesh, stacked)
     mngr = _checkpoint_manager(run_dir, tcfg)
     if mngr.latest_step() is not None:
         state = _restore(mngr, abstract)
@@ -221,7 +229,8 @@ def fit(
         for step in bar:
             if method.prepare is not None:
                 state = method.prepare(state, step, sample)
-            x_BD = acts.gather(batch_indices(n_train, tcfg.batch_size, tcfg.seed, step), "train")
+            idx_B = batch_indices(n_train, tcfg.batch_size, tcfg.seed, step)
+            x_BD = acts.gather(idx_B, "train") if mesh is None else sharding.gather_batch(acts, idx_B, mesh)
             state, metrics = method.step(state, x_BD, jax.random.fold_in(step_key, step))
             done = step + 1
             is_ckpt = done == method.n_steps or (tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0)

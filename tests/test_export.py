@@ -152,7 +152,7 @@ def test_single_sae_loads_in_saelens_and_matches(arch, tmp_path):
 def test_topk_semantics_match_saelens_when_fewer_than_k_positive(tmp_path):
     """SAELens' TopK takes the top k, then ReLU: the same as saeens' topk_codes."""
     cfg, params_J = make_params("topk", 1)
-    params_J["b_enc"] = params_J["b_enc"] - 2.5  # most pre-activations negative
+    params_J["b_enc"] = np.asarray(params_J["b_enc"]) - 2.5  # most pre-activations negative
     ens = ensemble.boosting(cfg, params_J)
     out = export_saelens(ens, "boosting", tmp_path / "e")
     x = inputs(seed=5)
@@ -264,11 +264,13 @@ def test_refuses_non_empty_dir_and_leaves_it_untouched(tmp_path):
 
 def test_failed_export_writes_nothing(tmp_path):
     cfg, params_J = make_params("jumprelu", 2)
-    params_J["W_dec"] = params_J["W_dec"].at[1, 0, 0].set(jnp.nan)
+    params_J["W_dec"] = np.array(params_J["W_dec"])
+    params_J["W_dec"][1, 0, 0] = np.nan
     with pytest.raises(SaeensError, match="NaN"):
         export_saelens(ensemble.bagging(cfg, params_J), "bagging", tmp_path / "x")
     cfg, params_J = make_params("batchtopk", 1)
-    params_J["threshold"] = params_J["threshold"].at[0, 3].set(-0.5)
+    params_J["threshold"] = np.array(params_J["threshold"])
+    params_J["threshold"][0, 3] = -0.5
     with pytest.raises(SaeensError, match="negative"):
         export_saelens(ensemble.bagging(cfg, params_J), "single", tmp_path / "y")
     assert list(tmp_path.iterdir()) == []
@@ -315,3 +317,25 @@ def test_loader_errors_are_one_line(tmp_path):
     with pytest.raises(SaeensError, match="missing") as e:
         load_export(out2)
     assert "\n" not in str(e.value)
+
+
+def test_reads_sae_lens_own_files(tmp_path):
+    """load_saelens also reads what SAELens itself saves: bfloat16, apply_b_dec_to_input=false."""
+    from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+
+    gen = torch.Generator().manual_seed(0)
+    x = inputs(seed=11)
+    for name, model in (
+        ("topk_bf16", TopKSAE(TopKSAEConfig(d_in=D, d_sae=M, k=K, dtype="bfloat16"))),
+        ("std_nobdec", StandardSAE(StandardSAEConfig(d_in=D, d_sae=M, apply_b_dec_to_input=False))),
+    ):
+        with torch.no_grad():
+            for prm in model.parameters():
+                prm.copy_(torch.randn(prm.shape, generator=gen).to(prm.dtype))
+        model.save_model(tmp_path / name)
+        cfg, params = load_saelens(tmp_path / name)
+        assert cfg.arch == ("topk" if name.startswith("topk") else "relu") and (cfg.d_in, cfg.width) == (D, M)
+        ref = sl_load(tmp_path / name).to(dtype=torch.float32)  # the same bf16 weights, computed in f32
+        recon, codes = sae_forward(params, cfg, x)
+        np.testing.assert_allclose(sl_encode(ref, x), codes, atol=1e-4, rtol=1e-5)
+        np.testing.assert_allclose(sl_forward(ref, x), recon, atol=1e-4, rtol=1e-5)

@@ -189,18 +189,24 @@ def test_random_model_jit_bf16_and_outer_jit():
     np.testing.assert_allclose(np.asarray(logits16), clean, atol=0.05)
 
 
-def test_sharded_safetensors_and_bf16_load(tmp_path):
+def test_sharded_safetensors_llama3_rope_and_bf16_load(tmp_path):
+    """Llama 3.x: tied embeddings and "llama3" rope frequency scaling; weights split over shards."""
     torch.manual_seed(1)
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
     ref = tr.LlamaForCausalLM(
         tr.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=4, tie_word_embeddings=True)
+                       num_key_value_heads=4, tie_word_embeddings=True, rope_parameters=rope)
     ).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
     ref.save_pretrained(tmp_path, max_shard_size="50KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
-    tokens = np.arange(10)[None] % V
+    tokens = (np.arange(32)[None] * 7) % V
     want = ref(torch.tensor(tokens)).logits.numpy()
     model, _ = M.load_model(str(tmp_path))
-    assert model.cfg.tie_embeddings and model.W_U_DV is None
+    assert model.cfg.tie_embeddings and model.W_U_DV is None and model.cfg.rope_llama3 == (8.0, 1.0, 4.0, 64)
     np.testing.assert_allclose(np.asarray(M.logits(model, tokens)), want, atol=ATOL, rtol=1e-4)
     model16, _ = M.load_model(str(tmp_path), dtype=jnp.bfloat16)
     assert model16.blocks[0].attn.W_q_DHK[...].dtype == jnp.bfloat16
@@ -237,6 +243,9 @@ def test_errors_are_one_line(tmp_path, monkeypatch):
         M.load_model(str(tmp_path))
     with pytest.raises(SaeensError, match="does not exist"):
         M.load_model(str(tmp_path / "missing.gguf"))
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf file at all")
+    with pytest.raises(SaeensError, match="cannot read GGUF"):
+        M.load_model(str(tmp_path / "bad.gguf"))
 
     def absent(name):
         raise importlib.metadata.PackageNotFoundError(name)
@@ -258,3 +267,41 @@ def test_mismatched_checkpoint_fails_clearly(tmp_path):
     model = M.Transformer(M.from_hf_config(ref.config.to_dict()), rngs=None)
     with pytest.raises(SaeensError, match="exceeds"):
         model.forward(jnp.zeros((1, 17), jnp.int32))
+
+
+def test_tiny_gguf_round_trip(tmp_path):
+    """A llama.cpp-style GGUF (q/k rows permuted for its rope) written from a torch Llama loads exactly."""
+    import gguf
+
+    torch.manual_seed(2)
+    hf = tr.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, rope_theta=1e5, tie_word_embeddings=True, rms_norm_eps=1e-5)
+    ref = tr.LlamaForCausalLM(hf).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    sd = {k: v.numpy() for k, v in ref.state_dict().items()}
+
+    def permute(w, n_head):  # convert_hf_to_gguf.py's LlamaModel.permute
+        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    w = gguf.GGUFWriter(str(tmp_path / "tiny.gguf"), "llama")
+    w.add_block_count(2), w.add_embedding_length(64), w.add_feed_forward_length(96), w.add_context_length(64)
+    w.add_head_count(4), w.add_head_count_kv(2), w.add_rope_freq_base(1e5), w.add_layer_norm_rms_eps(1e-5)
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    names = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_v": "self_attn.v_proj",
+             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        w.add_tensor(f"blk.{i}.attn_q.weight", permute(sd[p + "self_attn.q_proj.weight"], 4))
+        w.add_tensor(f"blk.{i}.attn_k.weight", permute(sd[p + "self_attn.k_proj.weight"], 2))
+        for ours, theirs in names.items():
+            w.add_tensor(f"blk.{i}.{ours}.weight", sd[p + theirs + ".weight"])
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+
+    model, tok = M.load_gguf(tmp_path / "tiny.gguf", with_tokenizer=False)
+    assert tok is None and model.cfg.tie_embeddings and model.cfg.rope_theta == 1e5
+    tokens = np.random.default_rng(3).integers(0, V, size=(1, 16))
+    want = ref(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(M.logits(model, tokens)), want, atol=ATOL, rtol=1e-4)

@@ -105,8 +105,15 @@ def resolve(name_or_path: str) -> tuple[str, Path]:
 
 
 def load_model(name_or_path: str, dtype=jnp.float32) -> tuple[Transformer, Any]:
-    """(Transformer, tokenizer) from a registered name ("smollm2-135m"), an HF directory or a .gguf file."""
+    """(Transformer, tokenizer) from a registered name ("smollm2-135m"), an HF directory or a .gguf file.
+
+    The tokenizer is a transformers tokenizer (for a GGUF: built from its metadata), or None for a
+    directory without tokenizer files. Weights are stored in `dtype`; logits are always float32.
+    """
     from saeens.models.loading import load_gguf, load_hf_dir
 
     kind, path = resolve(name_or_path)
-    return load_gguf(path, dtype) if kind == "gguf" else load_hf_dir(path, dtype)
+    model, tokenizer = load_gguf(path, dtype) if kind == "gguf" else load_hf_dir(path, dtype)
+    if str(name_or_path).lower() in MODELS:  # the registry name is the one users will recognise
+        model.cfg = dataclasses.replace(model.cfg, name=str(name_or_path).lower())
+    return model, tokenizer

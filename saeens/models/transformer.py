@@ -107,7 +107,10 @@ def _init(rngs: nnx.Rngs | None, shape: tuple[int, ...], dtype, std: float = 0.0
         return nnx.Param(jax.ShapeDtypeStruct(shape, jnp.dtype(dtype)))
     # numpy draws seeded by the nnx key: jax.random.normal would compile threefry once per shape
     # (seconds each on a small CPU); these are only starting points, the loaders overwrite them.
-    seed = np.asarray(jax.random.key_data(rngs.params())).ravel().tolist()
+    key = rngs.params()
+    if isinstance(key, jax.core.Tracer):  # under nnx.eval_shape / nnx.jit: stay in jax
+        return nnx.Param((std * jax.random.normal(key, shape, jnp.float32)).astype(dtype))
+    seed = np.asarray(jax.random.key_data(key)).ravel().tolist()
     w = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32) * std
     return nnx.Param(jnp.asarray(w, dtype=dtype))
 

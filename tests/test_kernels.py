@@ -1,0 +1,141 @@
+"""Sparse TopK/BatchTopK kernel == the dense sae.loss: value, every gradient, under vmap, in training."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from saeens import bagging, boosting, kernels, sae, train
+from saeens.config import SAEConfig, TrainConfig
+from saeens.optim import make_optimizer
+
+D, M, B = 8, 48, 20
+
+
+def _setup(arch, seed=0, k=3, aux_k=5, width=M):
+    cfg = SAEConfig(d_in=D, width=width, arch=arch, k=k, aux_k=aux_k)
+    p = sae.init(jax.random.key(seed), cfg)
+    rng = np.random.default_rng(seed)
+    p["b_enc"] = jnp.asarray(rng.normal(0, 0.1, width), jnp.float32)
+    p["b_dec"] = jnp.asarray(rng.normal(0, 0.1, D), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(B, D)), jnp.float32)
+    return cfg, p, x
+
+
+def _dead(n, seed=0, width=M):
+    perm = np.random.default_rng(seed + 100).permutation(width)[:n]
+    return jnp.zeros((width,), bool).at[perm].set(True)
+
+
+# small chunks and AuxK blocks so that padding, several chunks and several dead blocks are exercised
+SMALL = dict(chunk=16, aux_block=8)
+
+
+def _dense(p, cfg, x, dead):
+    return jax.value_and_grad(sae.loss, has_aux=True)(p, cfg.replace(kernel="dense"), x, dead)
+
+
+def _sparse(p, cfg, x, dead):
+    spec = kernels.spec_of(cfg, **SMALL)
+    return jax.value_and_grad(lambda q: kernels.sparse_loss(q, cfg, x, dead, spec), has_aux=True)(p)
+
+
+_dense_j = jax.jit(_dense, static_argnums=1)
+_sparse_j = jax.jit(_sparse, static_argnums=1)
+
+
+def _assert_same(dense, sparse, what=""):
+    (ld, ad), gd = dense
+    (ls, as_), gs = sparse
+    np.testing.assert_allclose(ls, ld, rtol=1e-5, err_msg=what)
+    np.testing.assert_allclose(as_["mse"], ad["mse"], rtol=1e-5, err_msg=what)
+    np.testing.assert_allclose(as_["sparsity_loss"], ad["sparsity_loss"], rtol=1e-5, atol=1e-7, err_msg=what)
+    np.testing.assert_array_equal(as_["codes"], ad["codes"], err_msg=what)
+    for key in ("fired", "l0", "min_kept"):
+        np.testing.assert_array_equal(as_[key], ad[key], err_msg=f"{what} {key}")
+    for name in gd:
+        if name == "threshold":  # not trained by gradients
+            continue
+        scale = float(jnp.max(jnp.abs(gd[name]))) + 1e-12
+        np.testing.assert_allclose(gs[name], gd[name], rtol=1e-4, atol=1e-5 * scale, err_msg=f"{what} grad {name}")
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("n_dead", [0, 3, 30])  # none; fewer than k_aux=5; more than k_aux over 4 blocks
+def test_loss_and_every_gradient_match_dense(arch, n_dead):
+    cfg, p, x = _setup(arch)
+    dead = _dead(n_dead)
+    _assert_same(_dense_j(p, cfg, x, dead), _sparse_j(p, cfg, x, dead), f"{arch} dead={n_dead}")
+    if n_dead:
+        assert float(_dense_j(p, cfg, x, dead)[0][1]["sparsity_loss"]) > 0
+
+
+def test_sae_loss_dispatches_to_the_kernel():
+    cfg, p, x = _setup("topk")
+    dead = _dead(10)
+    sparse_cfg = cfg.replace(kernel="sparse")
+    via_sae = jax.jit(lambda q: jax.value_and_grad(sae.loss, has_aux=True)(q, sparse_cfg, x, dead))(p)
+    assert "code_latents" in via_sae[0][1]  # the kernel ran
+    _assert_same(_dense_j(p, cfg, x, dead), via_sae, "sae.loss kernel=sparse")
+
+
+def test_batchtopk_exact_fallback_when_one_row_takes_all_candidates():
+    cfg, p, x = _setup("batchtopk")
+    x = x.at[0].multiply(50.0)  # row 0 owns more than its 4k candidates of the batch top-k*B
+    pre = sae.pre_activations(p, x)
+    assert int(jnp.sum(sae.batch_topk_codes(pre, cfg.k)[0] > 0)) > 4 * cfg.k
+    dead = _dead(4)
+    _assert_same(_dense_j(p, cfg, x, dead), _sparse_j(p, cfg, x, dead), "fallback")
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_matches_dense_under_vmap(arch):
+    cfg, _, x = _setup(arch)
+    ps = [_setup(arch, seed=s)[1] for s in range(3)]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *ps)
+    dead = jnp.stack([_dead(0), _dead(2, 1), _dead(25, 2)])  # members need 0, 1 and 4 AuxK blocks
+    dense = jax.jit(jax.vmap(lambda q, d: _dense(q, cfg, x, d)))(stacked, dead)
+    sparse = jax.jit(jax.vmap(lambda q, d: _sparse(q, cfg, x, d)))(stacked, dead)
+    for j in range(3):
+        pick = lambda t: jax.tree.map(lambda a: a[j], t)  # noqa: E731
+        _assert_same(pick(dense), pick(sparse), f"{arch} member {j}")
+
+
+def test_refuses_to_differentiate_the_input():
+    cfg, p, x = _setup("topk")
+    with pytest.raises(NotImplementedError):
+        jax.grad(lambda xx: kernels.sparse_loss(p, cfg, xx, _dead(0))[0])(x)
+
+
+def _train(arch, kernel, method="single", steps=6, J=2):
+    # dead_tokens = one batch: latents that miss a batch are dead at the next step, so AuxK is active
+    cfg = SAEConfig(d_in=D, width=M, arch=arch, k=3, aux_k=4, dead_tokens=64, kernel=kernel)
+    tcfg = TrainConfig(n_tokens=64 * steps, batch_size=64, lr=3e-3)
+    opt = make_optimizer(tcfg)
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(steps, 64, D)).astype(np.float32)
+    key = jax.random.key(3)
+    if method == "single":
+        state = train.init_state(key, cfg, tcfg, jnp.asarray(data[0]), opt)
+        step = jax.jit(train.make_step(cfg, opt))
+    elif method == "bagging":
+        state = bagging.init_members(key, cfg, tcfg, jnp.asarray(data[0]), J, opt)
+        step = jax.jit(bagging.make_bagging_step(cfg, opt))
+    else:
+        state = boosting.init_stages(key, cfg, tcfg, jnp.asarray(data[0]), J, opt)
+        step = jax.jit(boosting.make_boosting_step(cfg, opt, steps // J))
+    dead_seen = 0.0
+    for s in range(steps):
+        state, metrics = step(state, jnp.asarray(data[s]), jax.random.fold_in(key, s))
+        dead_seen = max(dead_seen, float(jnp.max(metrics["dead_fraction"])))
+    return state, dead_seen
+
+
+@pytest.mark.parametrize("arch,method", [("topk", "single"), ("batchtopk", "single"), ("topk", "bagging"), ("topk", "boosting")])
+def test_training_steps_match_dense(arch, method):
+    dense, dead_seen = _train(arch, "dense", method)
+    sparse, _ = _train(arch, "sparse", method)
+    assert dead_seen > 0  # AuxK took part
+    for name, leaf in dense.params.items():
+        np.testing.assert_allclose(sparse.params[name], leaf, rtol=1e-4, atol=1e-5, err_msg=f"{arch} {method} {name}")
+    np.testing.assert_array_equal(sparse.since_fired, dense.since_fired)
