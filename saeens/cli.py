@@ -7,6 +7,7 @@ exit status 2 and no traceback (set SAEENS_DEBUG=1 for one).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -258,6 +259,13 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("SAEENS_DEBUG"):
             raise
         print(f"saeens: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, permission denied, ...: what was written before stays
+        if os.environ.get("SAEENS_DEBUG"):
+            raise
+        where = f" while writing {e.filename}" if e.filename else ""
+        fix = "free some space or choose another --out" if e.errno == errno.ENOSPC else "check the path and its permissions"
+        print(f"saeens: error: {e.strerror or e}{where}: {fix}; files written before are kept", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("saeens: interrupted; the last checkpoint is kept", file=sys.stderr)

@@ -142,3 +142,30 @@ def test_output_directory_not_empty(acts, tmp_path, capsys):
     _fails(capsys, ["train", "--activations", str(acts), "--out", str(tmp_path / "r"), *TRAIN], "not empty")
     _fails(capsys, ["synthetic", "--out", str(tmp_path / "r")], "not empty")
     assert (tmp_path / "r" / "notes.txt").read_text() == "keep me"
+
+
+def test_disk_full_while_writing_keeps_earlier_files(tmp_path, capsys, monkeypatch):
+    import errno
+    import functools
+
+    from saeens.data import cache
+
+    arr = np.random.default_rng(0).normal(size=(300, 4)).astype(np.float32)
+    np.save(tmp_path / "x.npy", arr)
+    real_save, calls = np.save, []
+
+    def full_disk(f, a, *args, **kw):
+        calls.append(1)
+        if len(calls) > 2:  # the first shard (tokens + acts) fits, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device", str(f.name))
+        return real_save(f, a, *args, **kw)
+
+    monkeypatch.setattr(cache.np, "save", full_disk)
+    out = tmp_path / "acts"
+    argv = ["cache", "--from-npy", str(tmp_path / "x.npy"), "--out", str(out)]
+    monkeypatch.setattr(cache, "cache_from_array", functools.partial(cache.cache_from_array, shard_rows=100))
+    err = _fails(capsys, argv, "No space left", "free some space")
+    assert "files written before are kept" in err
+    meta = json.loads((out / "meta.json").read_text())
+    assert not meta["complete"] and [s["rows"] for s in meta["shards"]] == [100]
+    np.testing.assert_array_equal(np.load(out / "acts_00000.npy"), arr[:100])
