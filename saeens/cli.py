@@ -37,6 +37,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (0: only at the end)")
     p.add_argument("--dead-tokens", type=int, help="tokens without firing after which a latent is dead")
     p.add_argument("--no-normalize", action="store_true", help="train on raw activations (no norm scaling)")
+    p.add_argument("--mesh", help="device mesh ENSEMBLExDATA, e.g. 4x2: members over the first axis, batch over the second")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -122,6 +123,18 @@ def _train_config(args: argparse.Namespace, d_in: int):
     return RunConfig.from_dict(d)
 
 
+def _mesh(spec: str | None):
+    if spec is None:
+        return None
+    from saeens.sharding import make_mesh
+
+    try:
+        ens, data = (int(v) for v in spec.lower().split("x"))
+    except ValueError:
+        raise SaeensError(f"--mesh {spec!r} is not ENSEMBLExDATA: pass e.g. --mesh 4x2") from None
+    return make_mesh(ens, data)
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from saeens.config import RunConfig
     from saeens.data.cache import ActivationCache
@@ -143,7 +156,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     run.save(cfg_path)
     (out / "activations.txt").write_text(str(Path(args.activations).absolute()) + "\n")
-    fit(out, run, acts, progress=not args.quiet)
+    fit(out, run, acts, progress=not args.quiet, mesh=_mesh(args.mesh))
     print(f"trained {run.ensemble.method} run written to {out}")
 
 

@@ -74,8 +74,7 @@ def spec_of(cfg: SAEConfig, chunk: int = CHUNK, aux_block: int = AUX_BLOCK) -> S
 def select(pre_BM: jax.Array, k: int, batch: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(values_N, rows_N, latents_N) of the N = B*k kept pre-activations (not yet ReLU'd).
 
-    TopK: each row's k largest, row-major. BatchTopK: the k*B largest of the batch, sorted by
-    (row, latent).
+    TopK: each row's k largest, row-major. BatchTopK: the k*B largest of the batch, grouped by row.
     """
     B, M = pre_BM.shape
     if not batch:
@@ -85,24 +84,22 @@ def select(pre_BM: jax.Array, k: int, batch: bool) -> tuple[jax.Array, jax.Array
     n = k * B
     c = min(M, BATCH_CANDIDATES * k)
     if c >= M:  # every pre-activation is a candidate: the flat top-k is the only way
-        flat_vals, flat = jax.lax.top_k(pre_BM.reshape(-1), n)
+        vals, flat = jax.lax.top_k(pre_BM.reshape(-1), n)
+        rows, lats = flat // M, flat % M
     else:
         cv_BC, ci_BC = jax.lax.top_k(pre_BM, c)
-        sel_vals, sel = jax.lax.top_k(cv_BC.reshape(-1), n)  # positions in the [B, c] candidates
+        vals, sel = jax.lax.top_k(cv_BC.reshape(-1), n)  # positions in the [B, c] candidates
+        rows, lats = sel // c, ci_BC.reshape(-1)[sel]
         # exact unless some row had all c candidates kept (its (c+1)-th value might belong too)
-        kept_per_row = jnp.zeros((B,), jnp.int32).at[sel // c].add(1)
-        need_exact = jnp.any(kept_per_row >= c)
-        flat0 = (sel // c) * M + ci_BC.reshape(-1)[sel]
+        need_exact = jnp.any(jnp.zeros((B,), jnp.int32).at[rows].add(1) >= c)
 
         def exact(state):
-            _, _, _ = state
             v, f = jax.lax.top_k(pre_BM.reshape(-1), n)
-            return v, f.astype(jnp.int32), jnp.zeros((), bool)
+            return v, f // M, f % M, jnp.zeros((), bool)
 
-        flat_vals, flat, _ = jax.lax.while_loop(lambda s: s[2], exact, (sel_vals, flat0.astype(jnp.int32), need_exact))
-    order = jnp.argsort(flat)
-    flat = flat[order].astype(jnp.int32)
-    return flat_vals[order], flat // M, flat % M
+        vals, rows, lats, _ = jax.lax.while_loop(lambda st: st[3], exact, (vals, rows, lats, need_exact))
+    order = jnp.argsort(rows, stable=True)  # group the entries by token (locality of the decode)
+    return vals[order], rows[order].astype(jnp.int32), lats[order].astype(jnp.int32)
 
 
 def dense_codes(a_N: jax.Array, rows_N: jax.Array, lat_N: jax.Array, B: int, M: int) -> jax.Array:

@@ -79,6 +79,17 @@ def make_mesh(ensemble: int, data: int, devices: Sequence[jax.Device] | None = N
     return Mesh(np.asarray(devices, dtype=object).reshape(ensemble, data), AXES, axis_types=auto)
 
 
+def default_mesh(members: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """ensemble = the largest divisor of J that divides the device count, data = the rest.
+
+    J=8 on 8 chips -> (8, 1); J=8 on 256 -> (8, 32); J=4 on 8 -> (4, 2); J=1 (single/expanded)
+    -> (1, n), pure data parallel (pass make_mesh(n, 1) instead to split a wide SAE's latents).
+    """
+    n = len(jax.devices() if devices is None else devices)
+    ensemble = math.gcd(max(1, members), n)
+    return make_mesh(ensemble, n // ensemble, devices)
+
+
 def is_stacked(method: str) -> bool:
     """Whether a method's train state stacks its members/stages on a leading axis."""
     return method in STACKED_METHODS
@@ -243,7 +254,7 @@ def shard_method(method: Any, mesh: Mesh, stacked: bool) -> Any:
     final state back to the host first (it is a collective in multi-host runs)."""
     prepare = None
     if method.prepare is not None:
-        def prepare(state, step, sample):  # noqa: E306
+        def prepare(state, step, sample):
             return place_state(method.prepare(state, step, sample), mesh, stacked)
 
     return dataclasses.replace(

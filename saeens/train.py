@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -155,7 +156,9 @@ def init_sample(acts: Activations, tcfg: TrainConfig) -> np.ndarray:
     n = acts.n_rows("train")
     rng = np.random.default_rng([tcfg.seed, 1 << 30])
     idx = np.sort(rng.choice(n, size=min(n, tcfg.geometric_median_samples), replace=False))
-    return acts.gather(idx, "train")
+    sample = acts.gather(idx, "train")
+    _check_batch(acts, sample, idx)
+    return sample
 
 
 def _checkpoint_manager(run_dir: Path, tcfg: TrainConfig):
@@ -222,15 +225,20 @@ def fit(
         state = method.init(init_key, sample)
     start = _step_of(state)
     t0 = time.perf_counter()
+    writer = jax.process_index() == 0  # one process writes the log and the final files
     log_path = run_dir / "metrics.jsonl"
+    if writer:
+        _truncate_log(log_path, start)
     end = method.n_steps if stop_after is None else min(method.n_steps, start + stop_after)
     bar = tqdm(range(start, end), total=method.n_steps, initial=start, disable=not progress, desc="train", unit="step")
-    with open(log_path, "a") as log:
+    with open(log_path if writer else os.devnull, "a") as log:
         for step in bar:
             if method.prepare is not None:
                 state = method.prepare(state, step, sample)
             idx_B = batch_indices(n_train, tcfg.batch_size, tcfg.seed, step)
             x_BD = acts.gather(idx_B, "train") if mesh is None else sharding.gather_batch(acts, idx_B, mesh)
+            if mesh is None:
+                _check_batch(acts, x_BD, idx_B)
             state, metrics = method.step(state, x_BD, jax.random.fold_in(step_key, step))
             done = step + 1
             is_ckpt = done == method.n_steps or (tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0)
@@ -249,11 +257,37 @@ def fit(
     bar.close()
     mngr.wait_until_finished()
     ens = method.to_ensemble(state)
-    if _step_of(state) == method.n_steps:
+    if _step_of(state) == method.n_steps and writer:
         source = getattr(acts, "meta", {})
         info = {"model": source.get("model"), "hook": source.get("hook"), "train_seconds_last_session": time.perf_counter() - t0}
         save_ensemble(run_dir, run, ens, info)
     return ens
+
+
+def _truncate_log(log_path: Path, step: int) -> None:
+    """Drop log rows past the step we resume from (an interrupted run logged them before dying)."""
+    if not log_path.is_file():
+        return
+    from saeens.data.cache import atomic_write_text
+
+    lines = [ln for ln in log_path.read_text().splitlines() if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln)["step"] <= step]
+    if len(kept) != len(lines):
+        atomic_write_text(log_path, "".join(ln + "\n" for ln in kept))
+
+
+def _check_batch(acts: Activations, x_BD: np.ndarray, idx_B: np.ndarray) -> None:
+    """NaN/Inf rows would poison the parameters silently: name the shard and row instead."""
+    if np.isfinite(x_BD).all():
+        return
+    row = int(idx_B[np.argmin(np.isfinite(x_BD).all(axis=1))])
+    where = f"training row {row}"
+    if hasattr(acts, "shards"):
+        shards = acts.shards("train")
+        bounds = np.cumsum([0] + [sh["rows"] for sh in shards])
+        i = int(np.searchsorted(bounds, row, side="right") - 1)
+        where = f"shard {shards[i]['acts']} row {row - int(bounds[i])}"
+    raise SaeensError(f"{where} holds NaN/Inf activations: recompute the cache (e.g. in float32) or drop that shard")
 
 
 def _step_of(state: Any) -> int:

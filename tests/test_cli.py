@@ -169,3 +169,27 @@ def test_disk_full_while_writing_keeps_earlier_files(tmp_path, capsys, monkeypat
     meta = json.loads((out / "meta.json").read_text())
     assert not meta["complete"] and [s["rows"] for s in meta["shards"]] == [100]
     np.testing.assert_array_equal(np.load(out / "acts_00000.npy"), arr[:100])
+
+
+def test_nan_in_cache_is_named_at_train_time(acts, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "acts"
+    shutil.copytree(acts, broken)
+    shard = np.load(broken / "acts_00000.npy")
+    shard[123, 5] = np.inf  # a cache edited (or corrupted) after it was written
+    np.save(broken / "acts_00000.npy", shard)
+    _fails(capsys, ["train", "--activations", str(broken), "--out", str(tmp_path / "r"), *TRAIN], "acts_00000.npy row 123", "NaN/Inf")
+    assert not (tmp_path / "r" / "ensemble.json").exists()
+
+
+def test_train_on_a_device_mesh_matches_unsharded(acts, run, tmp_path, capsys):
+    from safetensors.numpy import load_file
+
+    out = tmp_path / "meshed"
+    argv = ["train", "--activations", str(acts), "--out", str(out), "--method", "bagging", "--members", "2", *TRAIN]
+    assert main([*argv, "--mesh", "2x4"]) == 0
+    a, b = load_file(str(run / "ensemble.safetensors")), load_file(str(out / "ensemble.safetensors"))
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    _fails(capsys, [*argv[:4], str(tmp_path / "m2"), *argv[5:], "--mesh", "2by4"], "ENSEMBLExDATA")

@@ -94,6 +94,7 @@ def test_make_mesh_axes_and_errors():
     assert all(t == AxisType.Auto for t in mesh.axis_types)
     sub = shd.make_mesh(2, 1, devices=jax.devices()[6:])
     assert [d.id for d in sub.devices.flat] == [d.id for d in jax.devices()[6:]]
+    assert [dict(shd.default_mesh(J).shape)["ensemble"] for J in (1, 3, 4, 8, 16)] == [1, 1, 4, 8, 8]
     with pytest.raises(SaeensError, match="needs 6 devices"):
         shd.make_mesh(3, 2)
     with pytest.raises(SaeensError, match="batch size 60 does not split"):

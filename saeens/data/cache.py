@@ -59,64 +59,135 @@ def check_finite(acts_ND: np.ndarray, where: str) -> None:
 
 
 class CacheWriter:
-    """Appends shards to a new cache directory; meta.json lists only finished shards."""
+    """Appends shards to a cache directory; meta.json lists only finished shards.
 
-    def __init__(self, out: str | Path, d_in: int, meta: dict[str, Any] | None = None, shard_rows: int = 65536):
+    Rows wait in one preallocated [shard_rows, d_in] buffer per split (no concatenation at
+    flush, no growth with n_tokens) until a shard is full, `flush(split)` or `close()`.
+    meta.json is written (complete: false) as soon as the writer opens and rewritten atomically
+    after every shard, so a killed writer leaves a consistent, resumable cache: `resume=True`
+    reopens such a directory (an incomplete cache written by CacheWriter), drops stray *.tmp
+    files and shard files meta.json does not list, and appends after the listed shards. Rows that
+    were still in a buffer when the writer died are lost: the caller recomputes them.
+    """
+
+    def __init__(self, out: str | Path, d_in: int, meta: dict[str, Any] | None = None, shard_rows: int = 65536,
+                 *, resume: bool = False):
         self.out = Path(out)
-        if self.out.exists() and any(self.out.iterdir()):
-            raise SaeensError(f"output directory {self.out} is not empty: choose a new --out or delete it first")
-        self.out.mkdir(parents=True, exist_ok=True)
         self.d_in = int(d_in)
         self.shard_rows = int(shard_rows)
-        self.meta: dict[str, Any] = {
-            "format": FORMAT,
-            "version": VERSION,
-            "d_in": self.d_in,
-            "dtype": "float32",
-            "n_tokens": 0,
-            "complete": False,
-            "shards": [],
-            **(meta or {}),
-        }
-        self._pending: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {s: [] for s in SPLITS}
+        if self.shard_rows < 1:
+            raise SaeensError(f"shard_rows must be positive, got {shard_rows}")
+        old = read_meta(self.out) if resume else None
+        if old is not None:
+            if old.get("complete"):
+                raise SaeensError(f"{self.out} holds a complete cache: nothing to resume; choose a new --out to write another")
+            if int(old["d_in"]) != self.d_in:
+                raise SaeensError(f"{self.out} holds d_in={old['d_in']}, not {self.d_in}: choose a new --out")
+            _drop_strays(self.out, old)
+            self.meta: dict[str, Any] = {**old, **(meta or {}), "complete": False}
+        else:
+            if self.out.exists() and any(p.suffix != ".tmp" for p in self.out.iterdir()):
+                raise SaeensError(f"output directory {self.out} is not empty: choose a new --out or delete it first")
+            self.out.mkdir(parents=True, exist_ok=True)
+            for p in self.out.glob("*.tmp"):  # only temp files of a writer killed before its first meta.json
+                p.unlink()
+            self.meta = {
+                "format": FORMAT,
+                "version": VERSION,
+                "d_in": self.d_in,
+                "dtype": "float32",
+                "n_tokens": 0,
+                "complete": False,
+                "shards": [],
+                **(meta or {}),
+            }
+        self._buf: dict[str, tuple[np.ndarray, np.ndarray] | None] = {s: None for s in SPLITS}
+        self._fill: dict[str, int] = {s: 0 for s in SPLITS}
+        self.write_meta()
+
+    def write_meta(self) -> None:
+        atomic_write_text(self.out / "meta.json", json.dumps(self.meta, indent=2))
+
+    def rows(self, split: str) -> int:
+        """Rows of `split` in finished shards (what a resumed run may skip)."""
+        return sum(s["rows"] for s in self.meta["shards"] if s["split"] == split)
+
+    def pending(self, split: str) -> int:
+        """Rows of `split` added but not yet in a finished shard."""
+        return self._fill[split]
 
     def add(self, acts_ND: np.ndarray, tokens_N: np.ndarray, split: str = "train") -> None:
         if split not in SPLITS:
             raise SaeensError(f"unknown split {split!r}: use 'train' or 'test'")
-        acts_ND = np.asarray(acts_ND, np.float32)
+        acts_ND = np.asarray(acts_ND, np.float32)  # no copy when already float32
         if acts_ND.ndim != 2 or acts_ND.shape[1] != self.d_in:
             raise SaeensError(f"activations of shape {acts_ND.shape} do not match d_in={self.d_in}")
-        tokens_N = np.asarray(tokens_N, np.int32).reshape(-1)
+        tokens_N = np.asarray(tokens_N).reshape(-1)
         if tokens_N.shape[0] != acts_ND.shape[0]:
             raise SaeensError(f"{tokens_N.shape[0]} token ids for {acts_ND.shape[0]} activation rows")
         check_finite(acts_ND, f"activations being cached (shard {len(self.meta['shards'])})")
-        self._pending[split].append((acts_ND, tokens_N))
-        while sum(a.shape[0] for a, _ in self._pending[split]) >= self.shard_rows:
-            self._flush(split, self.shard_rows)
+        lo, n = 0, acts_ND.shape[0]
+        while lo < n:
+            if self._buf[split] is None:  # allocated lazily, freed after each flush (untouched pages cost nothing)
+                self._buf[split] = (np.empty((self.shard_rows, self.d_in), np.float32), np.empty(self.shard_rows, np.int32))
+            buf_ND, tok_N = self._buf[split]
+            fill = self._fill[split]
+            take = min(n - lo, self.shard_rows - fill)
+            buf_ND[fill : fill + take] = acts_ND[lo : lo + take]
+            tok_N[fill : fill + take] = tokens_N[lo : lo + take]  # int32 in place
+            self._fill[split] = fill + take
+            lo += take
+            if self._fill[split] == self.shard_rows:
+                self._flush(split, self.shard_rows)
+
+    def flush(self, split: str) -> None:
+        """Write `split`'s buffered rows as a (possibly short) shard now, e.g. at the end of a split."""
+        if self._fill[split]:
+            self._flush(split, self._fill[split])
 
     def _flush(self, split: str, n: int) -> None:
-        acts = np.concatenate([a for a, _ in self._pending[split]])
-        toks = np.concatenate([t for _, t in self._pending[split]])
-        rest = (acts[n:].copy(), toks[n:].copy())  # no view pinning the whole shard in memory
-        self._pending[split] = [rest] if rest[0].shape[0] else []
+        buf = self._buf[split]
+        assert buf is not None and n == self._fill[split]
         i = len(self.meta["shards"])
         entry = {"acts": f"acts_{i:05d}.npy", "tokens": f"tokens_{i:05d}.npy", "rows": int(n), "split": split}
-        _atomic_save_npy(self.out / entry["tokens"], toks[:n])
-        _atomic_save_npy(self.out / entry["acts"], acts[:n])
+        _atomic_save_npy(self.out / entry["tokens"], buf[1][:n])
+        _atomic_save_npy(self.out / entry["acts"], buf[0][:n])
+        self._buf[split], self._fill[split] = None, 0  # give the buffer back to the OS
         self.meta["shards"].append(entry)
         self.meta["n_tokens"] += int(n)
-        atomic_write_text(self.out / "meta.json", json.dumps(self.meta, indent=2))
+        self.write_meta()
 
     def close(self) -> Path:
         for split in SPLITS:
-            n = sum(a.shape[0] for a, _ in self._pending[split])
-            if n:
-                self._flush(split, n)
+            self.flush(split)
         if self.meta["n_tokens"] == 0:
             raise SaeensError("no activations were written: the input is empty")
         self.meta["complete"] = True
-        atomic_write_text(self.out / "meta.json", json.dumps(self.meta, indent=2))
+        self.write_meta()
         return self.out
+
+
+def read_meta(path: str | Path) -> dict[str, Any] | None:
+    """meta.json of a saeens cache directory, or None if there is none (or only temp files)."""
+    f = Path(path) / "meta.json"
+    if not f.is_file():
+        return None
+    try:
+        meta = json.loads(f.read_text())
+    except json.JSONDecodeError:
+        raise SaeensError(f"{f} is corrupt: delete {Path(path)} and re-run `saeens cache`") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "shards" not in meta:
+        raise SaeensError(f"{f} is not a saeens activation cache: choose a new --out")
+    return meta
+
+
+def _drop_strays(out: Path, meta: dict[str, Any]) -> None:
+    """Temp files and shard files that meta.json does not list: leftovers of a killed writer."""
+    listed = {s[k] for s in meta["shards"] for k in ("acts", "tokens")}
+    for p in out.iterdir():
+        stray_shard = p.suffix == ".npy" and p.name.startswith(("acts_", "tokens_")) and p.name not in listed
+        if p.is_file() and (p.suffix == ".tmp" or stray_shard):
+            p.unlink()
 
 
 def cache_from_array(

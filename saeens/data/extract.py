@@ -15,8 +15,10 @@ order). Document separators (BOS, see tokens.py) inside a context are kept as ro
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -24,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from saeens.data.cache import CacheWriter, atomic_write_text
+from saeens.data.cache import CacheWriter, atomic_write_text, read_meta
 from saeens.data.corpora import Document, load_corpus, split_documents
 from saeens.data.tokens import PackedContexts, iter_packed, tokenizer_name
 from saeens.errors import SaeensError
@@ -88,13 +90,19 @@ def extract_to_cache(
     documents: Sequence[Document] | None = None,
     shard_rows: int = 65536,
     progress: bool = True,
+    skip_rows: int = 0,
 ) -> int:
     """Run `acts_fn` over `contexts` (int [N, T] array, PackedContexts, or an iterable of them,
     every context starting with BOS) in batches of `batch_size`, drop the BOS rows, and write at
     most `n_rows` rows (None: all) of split `split` through a CacheWriter. `out` is a new cache
     directory (written and closed here, with `meta` added to meta.json) or an open CacheWriter
     (appended to; the caller closes it). Also writes contexts_<split>.npy and, given `documents`,
-    documents_<split>.json. Returns the number of rows written."""
+    documents_<split>.json. Returns the number of rows of the split (skipped ones included).
+
+    skip_rows (a resumed run, `out` an open CacheWriter): the first skip_rows rows of these
+    contexts are already in the cache. Their contexts are still walked (the layout files list
+    them) but not run through the model; a context cut by a shard boundary is run and only its
+    missing rows are added."""
     if isinstance(out, CacheWriter):
         writer: CacheWriter | None = out
         own = False
@@ -102,6 +110,8 @@ def extract_to_cache(
         out = Path(out)
         if out.exists() and any(out.iterdir()):  # the same check as CacheWriter, before any model work
             raise SaeensError(f"output directory {out} is not empty: choose a new --out or delete it first")
+        if skip_rows:
+            raise SaeensError("skip_rows needs an open CacheWriter (a resumed cache) as `out`")
         writer, own = None, True
     if batch_size < 1:
         raise SaeensError(f"batch size {batch_size} must be positive: use e.g. 32")
@@ -109,14 +119,28 @@ def extract_to_cache(
     from tqdm.auto import tqdm
 
     bar = tqdm(total=n_rows, unit="tok", desc=f"caching {split}", disable=not progress, leave=False)
-    written, n_ctx, T = 0, 0, None
+    written, n_ctx, T = 0, 0, None  # rows and contexts of this split so far (skipped ones included)
     ctx_info: list[np.ndarray] = []  # [n, 2] per batch: 8 bytes per context, not per row
     max_doc = -1
 
-    def drain(pending: tuple[Any, PackedContexts]) -> bool:
-        """Materialise one batch's activations and write its rows; False once n_rows are written."""
-        nonlocal writer, written, n_ctx, max_doc
-        acts_future, batch = pending
+    def account(batch: PackedContexts, rows: int) -> int:
+        """Book-keeping for `rows` rows of the contexts of `batch` (capped by n_rows); returns the count."""
+        nonlocal written, n_ctx, max_doc
+        rows = rows if n_rows is None else min(rows, n_rows - written)
+        used_ctx = -(-rows // (T - 1))
+        ctx_info.append(np.stack([batch.doc_index_N[:used_ctx], batch.doc_offset_N[:used_ctx]], axis=1))
+        if used_ctx:
+            max_doc = max(max_doc, int(batch.doc_index_N[:used_ctx].max()))
+        written += rows
+        n_ctx += used_ctx
+        bar.update(rows)
+        return rows
+
+    def drain(pending: tuple[Any, PackedContexts, int]) -> bool:
+        """Materialise one batch's activations and write its rows (but the first `drop`, already
+        cached); False once n_rows are written."""
+        nonlocal writer
+        acts_future, batch, drop = pending
         b = len(batch)
         acts_BTD = np.asarray(acts_future, dtype=np.float32)[:b]  # bf16 models: cast before the checks
         if acts_BTD.ndim != 3 or acts_BTD.shape[:2] != batch.tokens_NT.shape:
@@ -131,19 +155,15 @@ def extract_to_cache(
         _record_layout(writer, T, split)
         acts_ND = acts_BTD[:, 1:, :].reshape(-1, d)
         toks_N = batch.tokens_NT[:, 1:].reshape(-1)
-        keep = acts_ND.shape[0] if n_rows is None else min(acts_ND.shape[0], n_rows - written)
-        used_ctx = -(-keep // (T - 1))
-        _locate_bad_row(acts_ND[:keep], toks_N[:keep], written, T, split)
-        writer.add(acts_ND[:keep], toks_N[:keep], split)
-        ctx_info.append(np.stack([batch.doc_index_N[:used_ctx], batch.doc_offset_N[:used_ctx]], axis=1))
-        if used_ctx:
-            max_doc = max(max_doc, int(batch.doc_index_N[:used_ctx].max()))
-        written += keep
-        n_ctx += used_ctx
-        bar.update(keep)
+        row0 = written
+        keep = account(batch, acts_ND.shape[0])
+        if keep > drop:
+            _locate_bad_row(acts_ND[drop:keep], toks_N[drop:keep], row0 + drop, T, split)
+            writer.add(acts_ND[drop:keep], toks_N[drop:keep], split)
         return n_rows is None or written < n_rows
 
     pending = None
+    queued = 0  # rows of the contexts taken from `contexts` so far (skipped, dispatched or written)
     try:
         if n_rows is None or n_rows > 0:
             for batch in _as_batches(contexts, batch_size):
@@ -153,6 +173,24 @@ def extract_to_cache(
                         raise SaeensError(f"context length {T} leaves no rows after dropping BOS: use at least 2")
                 elif batch.tokens_NT.shape[1] != T:
                     raise SaeensError(f"contexts of lengths {T} and {batch.tokens_NT.shape[1]} mixed: pack them to one length")
+                drop = max(0, skip_rows - queued)  # rows at the start of this batch already in the cache
+                if drop:
+                    assert writer is not None and pending is None  # skipped rows come before any computed one
+                    full = min(drop // (T - 1), len(batch))  # whole contexts already cached: layout only
+                    if full:
+                        head = PackedContexts(batch.tokens_NT[:full], batch.doc_index_N[:full], batch.doc_offset_N[:full])
+                        queued += account(head, full * (T - 1))
+                        _record_layout(writer, T, split)
+                        if n_rows is not None and written >= n_rows:
+                            break
+                        batch = PackedContexts(batch.tokens_NT[full:], batch.doc_index_N[full:], batch.doc_offset_N[full:])
+                        if not len(batch):
+                            continue
+                    drop = skip_rows - queued  # < T - 1: only part of the next context is cached
+                    if n_rows is not None and queued + drop >= n_rows:
+                        queued += account(batch, drop)  # the split's last, cut context is cached already
+                        break
+                queued += len(batch) * (T - 1)
                 toks = batch.tokens_NT
                 if len(batch) < batch_size:  # pad to one shape: a jitted acts_fn compiles once
                     toks = np.concatenate([toks, np.repeat(toks[:1], batch_size - len(batch), axis=0)])
@@ -160,7 +198,7 @@ def extract_to_cache(
                 if pending is not None and not drain(pending):
                     pending = None
                     break
-                pending = (future, batch)
+                pending = (future, batch, drop)
             if pending is not None:
                 drain(pending)
     finally:
@@ -211,6 +249,35 @@ def _resolve_documents(dataset: str | Sequence[Document], dataset_kwargs: dict[s
     return "documents", docs
 
 
+def _fingerprint(docs: Sequence[Document]) -> str:
+    """Which documents, in which order (ids only: cheap), so a resumed run can tell a different corpus."""
+    h = hashlib.blake2b(digest_size=8)
+    for d in docs:
+        h.update(d.doc_id.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _check_request(out: Path, request: dict[str, Any]) -> dict[str, Any] | None:
+    """The meta.json of a cache in `out` written by the same request (None: `out` is new or empty).
+    A cache of another request, or a directory with other files, is a one-line error."""
+    if not out.exists() or not any(p.suffix != ".tmp" for p in out.iterdir()):
+        return None
+    old = read_meta(out) if (out / "meta.json").is_file() else None
+    if old is None:
+        raise SaeensError(f"output directory {out} is not empty: choose a new --out or delete it first")
+    have = old.get("request")
+    if have is None:
+        raise SaeensError(f"{out} holds a cache written without its request parameters (cannot resume it): choose a new --out")
+    for k, v in request.items():
+        if k in have and have[k] != v:
+            raise SaeensError(
+                f"{out} holds a cache built with {k}={have[k]!r}, this run asks for {k}={v!r}: re-run with the "
+                f"same arguments to resume or reuse it, or choose a new --out"
+            )
+    return old
+
+
 def cache_documents(
     acts_fn: ActsFn,
     tokenizer: Any,
@@ -232,29 +299,50 @@ def cache_documents(
     document order (seeded), pack each split separately and cache n_tokens train rows and
     round(n_tokens * test_fraction / (1 - test_fraction)) test rows (test is that share of all
     rows). n_tokens None: every full context of both splits. A corpus too small for the request
-    gives a complete, smaller cache and a warning (meta keeps n_tokens_requested)."""
-    name, docs = _resolve_documents(dataset, dataset_kwargs)
-    if not docs:
-        raise SaeensError(f"dataset {name!r} has no documents: check the name, split and text column")
+    gives a complete, smaller cache and a warning (meta keeps n_tokens_requested).
+
+    Resumable: meta.json records the request (meta["request"]) and is rewritten after every shard.
+    Run again with the same arguments on the same `out`, an interrupted cache continues after
+    its last finished shard (the packing is deterministic, the rest is recomputed) and ends equal
+    to an uninterrupted one; a complete one is left as it is. Other arguments: a one-line error."""
     if n_tokens is not None and n_tokens < 1:
         raise SaeensError(f"--tokens must be positive, got {n_tokens}")
     if context_length < 2:
         raise SaeensError(f"context length {context_length} is too short: use at least 2 (BOS + one token)")
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise SaeensError(f"output directory {out} is not empty: choose a new --out or delete it first")
+    request = _request(meta, dataset, n_tokens, context_length, test_fraction, seed, shard_rows)
+    request["tokenizer"] = tokenizer_name(tokenizer)
+    given = not isinstance(dataset, str)  # a list of Documents: cheap to fingerprint now; a name: load it later
+    if given:
+        name, docs = _resolve_documents(dataset, dataset_kwargs)
+        request.update(documents=len(docs), documents_fingerprint=_fingerprint(docs))
+    if _check_request(out, request) is not None and _finished(out, progress):  # before loading a corpus
+        return out
+    if not given:
+        name, docs = _resolve_documents(dataset, dataset_kwargs)
+        request.update(documents=len(docs), documents_fingerprint=_fingerprint(docs))
+    if not docs:
+        raise SaeensError(f"dataset {name!r} has no documents: check the name, split and text column")
+    old = _check_request(out, request)
     train, test = split_documents(docs, test_fraction, seed)
     rng = np.random.default_rng(seed)
     train = [train[i] for i in rng.permutation(len(train))]
     test = [test[i] for i in rng.permutation(len(test))]
+    del docs
     n_test = None if n_tokens is None else int(round(n_tokens * test_fraction / (1 - test_fraction)))
     info = {
         "model": None, "hook": None, "dataset": name, "context_length": int(context_length),
         "tokenizer": tokenizer_name(tokenizer), "separator": "bos", "test_fraction": float(test_fraction),
-        "split_seed": int(seed), "n_tokens_requested": n_tokens, **(meta or {}),
+        "split_seed": int(seed), "n_tokens_requested": n_tokens, **(meta or {}), "request": request,
     }
     writer: CacheWriter | None = None
-    if d_in is not None:
+    if old is not None:  # an interrupted run of the same request: continue after its last shard
+        writer = CacheWriter(out, int(old["d_in"]), info, shard_rows, resume=True)
+        if progress:
+            done = {s: writer.rows(s) for s in ("train", "test")}
+            print(f"resuming the cache in {out}: {done['train']} train and {done['test']} test rows already written",
+                  file=sys.stderr)
+    elif d_in is not None:
         writer = CacheWriter(out, d_in, info, shard_rows)
 
     def run(split: str, split_docs: list[Document], want: int | None) -> int:
@@ -271,8 +359,10 @@ def cache_documents(
             d = int(np.asarray(acts_fn(np.concatenate([first.tokens_NT, pad]))).shape[-1])
             writer = CacheWriter(out, d, info, shard_rows)
             batches = _chain(first, batches)
-        return extract_to_cache(acts_fn, batches, writer, split, n_rows=want, batch_size=batch_size,
-                                documents=split_docs, progress=progress)
+        got = extract_to_cache(acts_fn, batches, writer, split, n_rows=want, batch_size=batch_size,
+                               documents=split_docs, progress=progress, skip_rows=writer.rows(split))
+        writer.flush(split)  # the split's last short shard now: shards never interleave splits, resumes are exact
+        return got
 
     got_train = run("train", train, n_tokens)
     if got_train == 0:
@@ -290,6 +380,28 @@ def cache_documents(
                 stacklevel=2,
             )
     return writer.close()
+
+
+def _request(meta: dict[str, Any] | None, dataset: Any, n_tokens: int | None, context_length: int,
+             test_fraction: float, seed: int, shard_rows: int) -> dict[str, Any]:
+    """The parameters that decide a cache's content (batch size does not), as meta.json records them."""
+    meta = meta or {}
+    return {
+        "model": meta.get("model"), "hook": meta.get("hook"),
+        "dataset": dataset if isinstance(dataset, str) else "documents",
+        "n_tokens": n_tokens, "context_length": int(context_length), "seed": int(seed),
+        "test_fraction": float(test_fraction), "shard_rows": int(shard_rows),
+    }
+
+
+def _finished(out: Path, progress: bool) -> bool:
+    old = read_meta(out)
+    if not old or not old.get("complete"):
+        return False
+    if progress:
+        print(f"the activation cache in {out} is already complete ({old['n_tokens']} rows): nothing to do",
+              file=sys.stderr)
+    return True
 
 
 def _chain(first: PackedContexts, rest: Iterable[PackedContexts]) -> Iterator[PackedContexts]:
@@ -332,8 +444,10 @@ def build_cache(
 
     hook = hook_name(layer, site)
     out = Path(out)
-    if out.exists() and any(out.iterdir()):  # fail before loading the model
-        raise SaeensError(f"output directory {out} is not empty: choose a new --out or delete it first")
+    request = _request({"model": model_name, "hook": hook}, dataset, n_tokens, context_length, test_fraction, seed,
+                       shard_rows)
+    if _check_request(out, request) is not None and _finished(out, progress):  # before loading the model
+        return out
     model, tokenizer = load_model(model_name)
     acts_fn = model_acts_fn(model, hook)
     cfg = getattr(model, "cfg", None)
