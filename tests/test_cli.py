@@ -193,3 +193,20 @@ def test_train_on_a_device_mesh_matches_unsharded(acts, run, tmp_path, capsys):
     for k in a:
         np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-5, err_msg=k)
     _fails(capsys, [*argv[:4], str(tmp_path / "m2"), *argv[5:], "--mesh", "2by4"], "ENSEMBLExDATA")
+
+
+def test_non_finite_loss_stops_and_keeps_no_bad_checkpoint(tmp_path, capsys):
+    arr = np.full((600, 4), 1e20, np.float32) * np.random.default_rng(0).uniform(0.5, 1.5, (600, 4)).astype(np.float32)
+    np.save(tmp_path / "x.npy", arr)  # finite, but its squares overflow float32
+    assert main(["cache", "--from-npy", str(tmp_path / "x.npy"), "--out", str(tmp_path / "a")]) == 0
+    out = tmp_path / "r"
+    _fails(capsys, ["train", "--activations", str(tmp_path / "a"), "--out", str(out), "--arch", "relu", "--width", "8",
+                    "--tokens", "1280", "--batch-size", "128", "--no-normalize", "--checkpoint-every", "1", "--quiet"],
+           "loss became", "last good checkpoint")
+    assert not (out / "checkpoints").exists() or not any(p.name.isdigit() for p in (out / "checkpoints").iterdir())
+    assert not (out / "ensemble.json").exists()
+
+
+def test_unknown_model_name(tmp_path, capsys):
+    _fails(capsys, ["cache", "--model", "gpt-17", "--layer", "1", "--out", str(tmp_path / "a")], "unknown model", "smollm2-135m")
+    assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
