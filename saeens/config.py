@@ -38,7 +38,7 @@ class SAEConfig:
     aux_coeff: float = 1.0 / 32.0
     dead_tokens: int = 1_000_000  # a latent silent for this many tokens counts as dead
     batchtopk_threshold_decay: float = 0.99  # EMA of the inference threshold
-    kernel: str = "dense"  # topk/batchtopk training path: "dense" or "sparse" (saeens/kernels.py)
+    kernel: str = "sparse"  # topk/batchtopk training: "sparse" (saeens/kernels.py) or "dense" (reference)
 
     def __post_init__(self) -> None:
         _require(self.arch in ARCHS, f"unknown architecture {self.arch!r}: use one of {', '.join(ARCHS)}")

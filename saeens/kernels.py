@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from saeens.config import SAEConfig
+from saeens.errors import SaeensError
 
 Params = dict[str, jax.Array]
 
@@ -274,7 +275,7 @@ def _core(spec: Spec, W_enc, b_enc, W_dec, b_dec, x_BD, dead_M):
 
 def _core_fwd(spec, W_enc, b_enc, W_dec, b_dec, x_BD, dead_M):
     if x_BD.perturbed:
-        raise NotImplementedError("the sparse SAE kernel does not differentiate w.r.t. the input x: use kernel='dense'")
+        raise SaeensError("the sparse SAE kernel does not differentiate w.r.t. the input x: use kernel='dense'")
     return _forward(spec, W_enc.value, b_enc.value, W_dec.value, b_dec.value, x_BD.value, dead_M.value)
 
 

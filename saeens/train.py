@@ -79,10 +79,9 @@ def update(
     (loss, aux), grads = jax.value_and_grad(sae.loss, has_aux=True)(params, cfg, x_BD, dead_M)
     updates, opt_state = opt.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    codes_BM = aux["codes"]
-    fired_M = jnp.any(codes_BM > 0, axis=0)
+    fired_M = aux["fired"]  # sae.loss's summaries: the sparse kernel then never builds [B, M] codes
     if cfg.arch == "batchtopk":  # inference threshold: EMA of the smallest code kept in training
-        min_kept = jnp.min(jnp.where(codes_BM > 0, codes_BM, jnp.inf))
+        min_kept = aux["min_kept"]
         min_kept = jnp.where(jnp.isfinite(min_kept), min_kept, params["threshold"][0])
         decay = cfg.batchtopk_threshold_decay
         first = jnp.all(params["threshold"] == 0)
@@ -93,7 +92,7 @@ def update(
         "loss": loss,
         "mse": aux["mse"],
         "sparsity_loss": aux["sparsity_loss"],
-        "l0": jnp.mean(jnp.sum(codes_BM > 0, axis=-1)),
+        "l0": aux["l0"],
         "dead_fraction": jnp.mean(since_fired_M >= cfg.dead_tokens),
     }
     return params, opt_state, since_fired_M, metrics

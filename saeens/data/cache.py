@@ -5,8 +5,9 @@ Layout (the user-facing contract of DESIGN.md):
   ACTS/acts_00000.npy       float32 [rows, d_in] activations
   ACTS/tokens_00000.npy     int32 [rows] token id that produced each row
 Each shard belongs to one split ("train" or "test"); corpora are split by document, so a shard
-never mixes splits. Shards and meta.json are written atomically (temp file + rename): a killed
-writer leaves every listed shard complete. Readers gather rows from memory-mapped shards, so
+never mixes splits. Shards and meta.json are written atomically (temp file + rename), meta.json
+from the moment the writer opens ("complete": false until close): a killed writer leaves every
+listed shard complete, and `CacheWriter(..., resume=True)` continues such a cache. Readers gather rows from memory-mapped shards, so
 the cache never has to fit in memory.
 """
 

@@ -11,6 +11,15 @@ context r // (T-1), position 1 + r % (T-1); its token id is in the tokens_*.npy 
 contexts_<split>.npy (int32 [n_contexts, 2]) gives for each context (document index, token offset
 within that document of position 1), indices into documents_<split>.json (doc_id, label in packing
 order). Document separators (BOS, see tokens.py) inside a context are kept as rows.
+
+Resumable (`cache_documents`, `build_cache`, so `saeens cache`): meta.json records the request
+(model, hook, dataset, documents fingerprint, n_tokens, context length, seed, test fraction, shard
+rows, tokenizer) and is rewritten, complete: false, after every shard. Killed at any moment and run
+again with the same arguments on the same --out, the run keeps the listed shards (dropping temp
+files and unlisted shards), walks the deterministic packing past the rows already cached (a
+context cut by a shard boundary is recomputed, only its missing rows added) and ends with the
+cache an uninterrupted run writes. A complete cache of the same request is left alone; another
+request on the same directory is a one-line error.
 """
 
 from __future__ import annotations

@@ -1,0 +1,465 @@
+"""Shared settings and helpers of the experiment scripts (SmolLM2-135M, blocks.15.hook_resid_post).
+
+Every script takes `--scale {tiny,full}`:
+  tiny  a few thousand tokens, width 64, J <= 3: checks the code path in a minute or two; its runs
+        live in experiments/work/tiny/ and its results in experiments/work/tiny-results/ (never in
+        experiments/results/).
+  full  the real settings (SCALES["full"] below, and the README), results in experiments/results/.
+The activation cache is built ONCE per scale (`get_cache`) into experiments/work/cache-<scale>/ and
+shared by all scripts; training runs live in experiments/work/<scale>/runs/<name>/ and are shared
+too (table 1 trains the J = 8 ensembles that the J sweep slices and that probing/SCR evaluate).
+Everything resumes: the cache continues after its last shard, `saeens.train.fit` from its last
+checkpoint, a finished run is loaded instead of retrained, and a script whose result JSON exists
+is skipped unless `--force`.
+
+FLOP model (training, per run; multiply-add = 2 FLOPs; B tokens per step, d = d_in, m = width of
+ONE member, S = train_tokens // B steps per SAE / per boosting stage):
+  one dense member-step     12*B*d*m  (encoder 2 + decoder 2 + backward: d codes 2, dW_dec 2,
+                                       dW_enc 2, dx for b_dec 2); the AuxK term of TopK (dense path
+                                       +6*B*d*m, benchmarks/harness.py) and the optimizer are not
+                                       counted, so that the four methods are compared on one scale
+  single                    S * 12*B*d*m
+  expanded (J*m latents)    S * 12*B*d*(J*m)
+  bagging                   J * S * 12*B*d*m
+  boosting                  J * S * 12*B*d*m  +  S * 4*B*d*m * J*(J-1)/2
+                            (stage j also runs the forward pass, 4*B*d*m, of the j-1 frozen stages
+                            before it on every step to form its residual)
+The TopK runs use the sparse kernel (saeens/kernels.py: same loss and gradients, fewer FLOPs);
+the counts above are dense-model FLOPs, the measure the methods are compared on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from saeens.config import EnsembleConfig, RunConfig, SAEConfig, TrainConfig
+
+ROOT = Path(__file__).resolve().parent
+WORK = ROOT / "work"
+MODEL = "smollm2-135m"
+LAYER = 15
+SITE = "resid_post"
+CORPORA = ("bbc-news", "shakespeare", "tweets")  # the packaged corpora, mixed, split by document
+TEST_FRACTION = 0.1
+SPLIT_SEED = 0
+METHODS = ("single", "expanded", "bagging", "boosting")
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    name: str
+    cache_tokens: int  # train rows of the shared cache (test rows: TEST_FRACTION of all rows)
+    context_length: int
+    width: int  # per member; the expanded SAE has members * width
+    k: int  # TopK, the main architecture
+    members: int  # J of table 1 (the J sweep goes 1..members)
+    seeds: int  # independent TopK ensembles (stability, confidence intervals)
+    train_tokens: int  # per SAE / per boosting stage
+    batch_size: int
+    lr: float
+    kernel: str  # TopK training path
+    other_archs: tuple[tuple[str, tuple[tuple[str, float], ...]], ...]  # (arch, SAEConfig overrides)
+    other_seeds: int  # independent ensembles of the other architectures
+    other_train_tokens: int  # per SAE / boosting stage of the other architectures
+    pareto_ks: tuple[int, ...]
+    pareto_members: int  # J of the Pareto ensembles (the k = main k point slices table 1's runs)
+    spliced_contexts: int  # table 1, Pareto: contexts of context_length tokens
+    sweep_spliced_contexts: int  # J sweep (clean and zero-ablation losses computed once)
+    connectivity_tokens: int  # co-firing matrix over this many test tokens (F x F per chunk)
+    hungarian_max_features: int  # Hungarian stability only up to this many features (O(F^3))
+    probe_train_per_class: int
+    probe_test_per_class: int
+    probe_context: int
+    scr_train_per_group: int
+    scr_test_per_group: int
+    scr_ns: tuple[int, ...]
+    checkpoint_every: int
+    batch_forward: int  # contexts per model forward (cache, probing, SCR, spliced)
+
+    @property
+    def steps(self) -> int:
+        return self.train_tokens // self.batch_size
+
+
+SCALES = {
+    "tiny": Scale(
+        name="tiny", cache_tokens=4096, context_length=64, width=64, k=8, members=3, seeds=2,
+        train_tokens=4096, batch_size=256, lr=1e-3, kernel="dense",
+        other_archs=(("relu", (("l1_coeff", 5.0),)), ("jumprelu", (("l0_coeff", 0.75),))), other_seeds=2,
+        other_train_tokens=2048, pareto_ks=(4, 8), pareto_members=2, spliced_contexts=4, sweep_spliced_contexts=2,
+        connectivity_tokens=256, hungarian_max_features=256,
+        probe_train_per_class=12, probe_test_per_class=6, probe_context=32,
+        scr_train_per_group=12, scr_test_per_group=6, scr_ns=(2, 5, 10, 20, 50, 100),
+        checkpoint_every=0, batch_forward=8,
+    ),
+    "full": Scale(
+        name="full", cache_tokens=300_000, context_length=128, width=1152, k=32, members=8, seeds=4,
+        train_tokens=150_000, batch_size=1024, lr=1e-3, kernel="sparse",
+        other_archs=(("relu", (("l1_coeff", 5.0),)), ("jumprelu", (("l0_coeff", 0.75),))), other_seeds=2,
+        other_train_tokens=100_000, pareto_ks=(8, 16, 32, 64), pareto_members=4, spliced_contexts=32, sweep_spliced_contexts=16,
+        connectivity_tokens=4096, hungarian_max_features=2048,
+        probe_train_per_class=200, probe_test_per_class=100, probe_context=128,
+        scr_train_per_group=300, scr_test_per_group=150, scr_ns=(2, 5, 10, 20, 50, 100),
+        checkpoint_every=50, batch_forward=16,
+    ),
+}
+
+
+# ----------------------------------------------------------------------------- command line, paths
+
+
+def parser(doc: str | None) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", choices=sorted(SCALES), default="tiny")
+    ap.add_argument("--force", action="store_true", help="recompute the result even if its JSON exists")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    return ap
+
+
+def results_dir(scale: Scale) -> Path:
+    """experiments/results for the full scale; tiny results never go there."""
+    d = ROOT / "results" if scale.name == "full" else WORK / f"{scale.name}-results"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def runs_dir(scale: Scale) -> Path:
+    return WORK / scale.name / "runs"
+
+
+def result_done(scale: Scale, name: str, force: bool) -> bool:
+    path = results_dir(scale) / f"{name}.json"
+    if path.is_file() and not force:
+        print(f"{path} exists: skipped (pass --force to recompute)")
+        return True
+    return False
+
+
+def write_result(scale: Scale, name: str, result: dict[str, Any], markdown: str) -> Path:
+    from saeens.data.cache import atomic_write_text
+
+    out = results_dir(scale)
+    atomic_write_text(out / f"{name}.md", markdown.rstrip() + "\n")
+    atomic_write_text(out / f"{name}.json", json.dumps(_jsonable(result), indent=2))  # last: marks done
+    print(f"wrote {out / name}.json and .md")
+    return out / f"{name}.json"
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return x
+
+
+def cached_json(path: Path, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """fn() once, its JSON kept at path (so an interrupted script does not redo finished evaluations)."""
+    from saeens.data.cache import atomic_write_text
+
+    if path.is_file():
+        return json.loads(path.read_text())
+    out = _jsonable(fn())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(out, indent=2))
+    return out
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- data and model
+
+
+def corpus_documents() -> list:
+    """The packaged corpora (BBC News, Shakespeare scenes, tweets) as one document list."""
+    from saeens.data.corpora import load_corpus
+
+    return [d for name in CORPORA for d in load_corpus(name)]
+
+
+def hook() -> str:
+    from saeens.models import hook_name
+
+    return hook_name(LAYER, SITE)
+
+
+def get_cache(scale: Scale, progress: bool = True):
+    """The shared activation cache of this scale, built once (resumably) into experiments/work/."""
+    from saeens.data.cache import ActivationCache, read_meta
+    from saeens.data.extract import build_cache
+
+    out = WORK / f"cache-{scale.name}"
+    meta = read_meta(out)
+    if not (meta and meta.get("complete")):
+        t0 = time.perf_counter()
+        build_cache(MODEL, LAYER, SITE, corpus_documents(), scale.cache_tokens, out,
+                    context_length=scale.context_length, batch_size=scale.batch_forward,
+                    test_fraction=TEST_FRACTION, seed=SPLIT_SEED, progress=progress)
+        _add_seconds(out.parent / f"cache-{scale.name}.seconds.json", time.perf_counter() - t0)
+    return ActivationCache(out)
+
+
+def cache_seconds(scale: Scale) -> float:
+    p = WORK / f"cache-{scale.name}.seconds.json"
+    return json.loads(p.read_text())["seconds"] if p.is_file() else float("nan")
+
+
+@functools.lru_cache(maxsize=1)
+def get_model():
+    """(model, tokenizer), loaded once per process (the GGUF dequantisation takes ~20-50 s)."""
+    from saeens.models import load_model
+
+    return load_model(MODEL)
+
+
+def held_out_contexts(scale: Scale, n_contexts: int) -> np.ndarray:
+    """[n, context_length] token contexts of the cache's TEST documents (same split, same shuffle)."""
+    from saeens.data.corpora import split_documents
+    from saeens.data.tokens import pack_documents
+
+    _, test = split_documents(corpus_documents(), TEST_FRACTION, SPLIT_SEED)
+    rng = np.random.default_rng(SPLIT_SEED)
+    test = [test[i] for i in rng.permutation(len(test))]
+    _, tokenizer = get_model()
+    return pack_documents(test, tokenizer, scale.context_length, max_contexts=n_contexts).tokens_NT
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def run_name(arch: str, method: str, J: int, seed: int, k: int | None = None) -> str:
+    ks = f"-k{k}" if arch in ("topk", "batchtopk") else ""
+    return f"{arch}{ks}-{method}-J{J}-s{seed}"
+
+
+def run_config(scale: Scale, d_in: int, arch: str, method: str, J: int, seed: int, k: int | None = None) -> RunConfig:
+    overrides = dict(dict(scale.other_archs).get(arch, ()))
+    sae = SAEConfig(d_in=d_in, width=scale.width, arch=arch, k=k or scale.k,
+                    kernel=scale.kernel if arch in ("topk", "batchtopk") else "dense",
+                    dead_tokens=min(1_000_000, scale.other_train_tokens if arch != "topk" else scale.train_tokens), **overrides)
+    n_tokens = scale.train_tokens if arch == "topk" else scale.other_train_tokens
+    train = TrainConfig(n_tokens=n_tokens, batch_size=scale.batch_size, lr=scale.lr, seed=seed,
+                        checkpoint_every=scale.checkpoint_every, log_every=10)
+    return RunConfig(sae, train, EnsembleConfig(method, 1 if method == "single" else J))
+
+
+def train_flops(run: RunConfig) -> float:
+    """Training FLOPs of a run under the dense FLOP model of the module docstring."""
+    B, d, m = run.train.batch_size, run.sae.d_in, run.sae.width
+    S, J, method = run.train.n_steps, run.ensemble.members, run.ensemble.method
+    step = 12.0 * B * d * m
+    if method == "single":
+        return S * step
+    if method == "expanded":
+        return S * step * J
+    if method == "bagging":
+        return J * S * step
+    return J * S * step + S * 4.0 * B * d * m * J * (J - 1) / 2
+
+
+def _add_seconds(path: Path, seconds: float) -> float:
+    from saeens.data.cache import atomic_write_text
+
+    total = (json.loads(path.read_text())["seconds"] if path.is_file() else 0.0) + seconds
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({"seconds": total}))
+    return total
+
+
+def ensure_run(scale: Scale, name: str, run: RunConfig, acts, progress: bool = True):
+    """Train (or resume, or load) the run `name`: (ensemble, info with run_dir, train_seconds, train_flops).
+
+    train_seconds is the wall time summed over every session that trained it (compile included)."""
+    from saeens.errors import SaeensError
+    from saeens.train import fit, load_ensemble
+
+    rd = runs_dir(scale) / name
+    rd.mkdir(parents=True, exist_ok=True)
+    cfg_path = rd / "experiment_config.json"
+    if cfg_path.is_file() and json.loads(cfg_path.read_text()) != run.to_dict():
+        raise SaeensError(f"{rd} was trained with other settings: delete it (or experiments/work/{scale.name}) to retrain")
+    cfg_path.write_text(json.dumps(run.to_dict(), indent=2))
+    seconds_path = rd / "wall_seconds.json"
+    if (rd / "ensemble.json").is_file():
+        ens, _ = load_ensemble(rd)
+    else:
+        if progress:
+            print(f"training {name} ({run.ensemble.method}, J={run.ensemble.members}, {run.train.n_steps} steps)")
+        t0 = time.perf_counter()
+        try:
+            fit(rd, run, acts, progress=progress)
+        finally:
+            _add_seconds(seconds_path, time.perf_counter() - t0)
+        ens, _ = load_ensemble(rd)  # the saved (float32, activation-unit) ensemble: same as a later load
+    seconds = json.loads(seconds_path.read_text())["seconds"] if seconds_path.is_file() else float("nan")
+    return ens, {"run_dir": str(rd), "train_seconds": seconds, "train_flops": train_flops(run),
+                 "train_steps": run.train.n_steps * (run.ensemble.members if run.ensemble.method == "boosting" else 1)}
+
+
+def prefix(ens, j: int):
+    """The sub-ensemble of the first j members (bagging: weights 1/j; boosting: the first j stages)."""
+    from saeens import ensemble
+
+    sub = jax.tree.map(lambda a: a[:j], ens.params)
+    return ensemble.boosting(ens.cfg, sub) if ens.sequential else ensemble.bagging(ens.cfg, sub)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def intrinsic_metrics(ens, acts, scale: Scale) -> dict[str, float]:
+    """evaluate_ensemble's metrics over all test tokens, with connectivity on the first
+    `connectivity_tokens` test tokens (the F x F co-firing product costs 2*n*F^2 FLOPs)."""
+    from saeens import ensemble, metrics
+
+    out = metrics.evaluate_stream(lambda x: ensemble.forward(ens, x), acts.chunks("test"), ens.width, cofire=False)
+    out["diversity"] = int(metrics.diversity(ensemble.decoder(ens)))
+    out["diversity_fraction"] = out["diversity"] / ens.width
+    out["n_features"] = ens.width
+    out["connectivity"] = prefix_connectivity(ens, acts, scale, [ens.n_members])[0]
+    out["connectivity_tokens"] = min(scale.connectivity_tokens, acts.n_rows("test"))
+    return out
+
+
+def connectivity_sample(acts, scale: Scale) -> np.ndarray:
+    n = min(scale.connectivity_tokens, acts.n_rows("test"))
+    return acts.gather(np.arange(n), "test")
+
+
+def prefix_connectivity(ens, acts, scale: Scale, js: list[int]) -> list[float]:
+    """Connectivity 1 - nnz(Z^T Z)/F^2 of the first j members, for each j in js, from ONE co-firing
+    matrix: member j's codes do not depend on later members (bagging) or stages (boosting), so the
+    j-prefix's firing matrix is the first j*m columns of the full one."""
+    import jax.numpy as jnp
+
+    from saeens import ensemble
+
+    x = jnp.asarray(connectivity_sample(acts, scale), jnp.float32)
+    sub = prefix(ens, max(js)) if ens.n_members > 1 else ens
+
+    @jax.jit
+    def cofire(x_BD):
+        Z = (ensemble.encode(sub, x_BD) > 0).astype(jnp.float32)
+        return (Z.T @ Z) > 0
+
+    C = np.asarray(cofire(x))
+    m = ens.cfg.width
+    return [1.0 - float(C[: j * m, : j * m].sum()) / float((j * m) ** 2) for j in js]
+
+
+def stability_of(decoders: list) -> dict[str, float]:
+    from saeens import metrics
+
+    s = metrics.stability(decoders)
+    return {"stability": s["mean"], "stability_ci_low": s["ci_low"], "stability_ci_high": s["ci_high"],
+            "stability_scores": s["scores"]}
+
+
+def hungarian_of(decoders: list, scale: Scale) -> dict[str, Any]:
+    from saeens import metrics
+
+    if max(int(d.shape[0]) for d in decoders) > scale.hungarian_max_features:
+        return {"hungarian_stability": float("nan"), "hungarian_skipped": f"> {scale.hungarian_max_features} features"}
+    h = metrics.hungarian_stability(decoders)
+    return {"hungarian_stability": h["mean"], "hungarian_ci_low": h["ci_low"], "hungarian_ci_high": h["ci_high"]}
+
+
+class Spliced:
+    """Spliced LM loss on fixed held-out contexts. `full` is saeens.evals.spliced.spliced_losses
+    (clean, spliced, zero-ablation and KL recomputed per ensemble); `fast` computes the clean and
+    zero-ablation losses once and only the spliced pass per ensemble (no KL): for sweeps."""
+
+    def __init__(self, scale: Scale, n_contexts: int):
+        self.scale = scale
+        self.contexts = held_out_contexts(scale, n_contexts)
+        self._base: dict[str, float] | None = None
+
+    def full(self, ens) -> dict[str, float]:
+        from saeens.evals.spliced import spliced_losses
+
+        model, _ = get_model()
+        return spliced_losses(model, ens, hook(), self.contexts, batch_size=self.scale.batch_forward)
+
+    def fast(self, ens) -> dict[str, float]:
+        from flax import nnx
+
+        model, _ = get_model()
+        graphdef, state = nnx.split(model)
+        if self._base is None:
+            tot = {"clean": 0.0, "zero": 0.0}
+            for tok in self._batches():
+                out = _clean_zero_nll(graphdef, state, tok, hook())
+                tot = {k: tot[k] + float(out[k]) for k in tot}
+            self._base = {k: v / self._n_pred() for k, v in tot.items()}
+        spliced = sum(float(_spliced_nll(graphdef, state, ens, tok, hook())) for tok in self._batches()) / self._n_pred()
+        clean, zero = self._base["clean"], self._base["zero"]
+        return {"ce_loss_clean": clean, "ce_loss_spliced": spliced, "ce_loss_zero_ablation": zero,
+                "delta_lm_loss": spliced - clean, "loss_recovered": (zero - spliced) / (zero - clean)}
+
+    def _batches(self):
+        import jax.numpy as jnp
+
+        b = self.scale.batch_forward
+        for lo in range(0, len(self.contexts), b):
+            yield jnp.asarray(self.contexts[lo : lo + b], jnp.int32)
+
+    def _n_pred(self) -> int:
+        return self.contexts.shape[0] * (self.contexts.shape[1] - 1)
+
+
+def _nll_sum(model, tokens_BT, hook_fn):
+    import jax.numpy as jnp
+
+    logp = jax.nn.log_softmax(model.forward(tokens_BT, hook_fn)[:, :-1].astype(jnp.float32), axis=-1)
+    return -jnp.sum(jnp.take_along_axis(logp, tokens_BT[:, 1:, None], axis=-1))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _clean_zero_nll(graphdef, state, tokens_BT, hook_name):
+    from flax import nnx
+
+    model = nnx.merge(graphdef, state)
+
+    def zero(name, x):
+        return x.at[:, 1:].set(0.0) if name == hook_name else x  # BOS kept, as in saeens.evals.spliced
+
+    return {"clean": _nll_sum(model, tokens_BT, None), "zero": _nll_sum(model, tokens_BT, zero)}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _spliced_nll(graphdef, state, ens, tokens_BT, hook_name):
+    from flax import nnx
+
+    from saeens import ensemble
+
+    model = nnx.merge(graphdef, state)
+
+    def splice(name, x):
+        if name != hook_name:
+            return x
+        B, T, D = x.shape
+        r = ensemble.reconstruct(ens, x[:, 1:].reshape(B * (T - 1), D).astype("float32")).reshape(B, T - 1, D)
+        return x.at[:, 1:].set(r.astype(x.dtype))
+
+    return _nll_sum(model, tokens_BT, splice)
+
+
+def fmt_ci(mean: float, low: float, high: float) -> str:
+    return f"{mean:.3f} [{low:.3f}, {high:.3f}]"

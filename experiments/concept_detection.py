@@ -1,0 +1,144 @@
+"""Table 4: concept detection (SAEBench sparse probing) for single / expanded / bagging / boosting.
+
+The four TopK ensembles are table 1's seed-0 runs (J = members). For each labelled dataset
+(bbc-topic, tweet-sentiment, shakespeare-genre, text-source) the documents are subsampled, tokenised
+and run through the model ONCE; every ensemble encodes the same hook activations, and
+`saeens.evals.probing.probe_pooled` (the model-free half of `run_probing`, so the same protocol:
+balanced one-vs-rest tasks, top-k latents by |mean_pos - mean_neg|, L2 logistic regression C = 1)
+gives the test accuracy for k in (1, 2, 5) and the raw-activation baseline. Writes
+results/concept_detection.{json,md,png}.
+
+    python -m experiments.concept_detection --scale full
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from experiments import common
+from experiments.intrinsic import table_run
+from saeens import ensemble
+from saeens.evals.probing import ProbingConfig, hook_acts, pool_weights, probe_pooled, tokenize_texts
+
+NAME = "concept_detection"
+DATASETS = ("bbc-topic", "tweet-sentiment", "shakespeare-genre", "text-source")
+KS = (1, 2, 5)
+
+
+@partial(jax.jit, static_argnums=(0, 5))
+def _pool_many(graphdef, state, ensembles, tokens_BT, mask_BT, hook: str):
+    """Mean-pooled hook activations [B, D] and each ensemble's mean-pooled codes [B, F_e] (BOS/pad skipped)."""
+    acts_BTD = hook_acts(nnx.merge(graphdef, state), tokens_BT, hook)
+    w_BT = pool_weights(mask_BT)
+    B, T, D = acts_BTD.shape
+    flat = acts_BTD.reshape(B * T, D)
+    codes = tuple(jnp.einsum("bt,btf->bf", w_BT, ensemble.encode(e, flat).reshape(B, T, -1)) for e in ensembles)
+    return jnp.einsum("bt,btd->bd", w_BT, acts_BTD), codes
+
+
+def pool_documents(scale: common.Scale, texts: list[str], ensembles: tuple, context_length: int,
+                   progress: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(pooled activations [N, D], [pooled codes [N, F_e] per ensemble]) with one model pass per batch."""
+    from tqdm.auto import tqdm
+
+    model, tokenizer = common.get_model()
+    tok, mask = tokenize_texts(tokenizer, texts, context_length)
+    graphdef, state = nnx.split(model)
+    b = scale.batch_forward
+    acts, codes = [], [[] for _ in ensembles]
+    for lo in tqdm(range(0, len(tok), b), disable=not progress, desc="pooling", unit="batch"):
+        t, m = tok[lo : lo + b], mask[lo : lo + b]
+        n = len(t)
+        if n < b:  # pad to one compiled shape
+            t = np.concatenate([t, np.zeros((b - n, t.shape[1]), np.int32)])
+            m = np.concatenate([m, np.zeros((b - n, m.shape[1]), bool)])
+        a, cs = jax.device_get(_pool_many(graphdef, state, ensembles, jnp.asarray(t), jnp.asarray(m), common.hook()))
+        acts.append(np.asarray(a[:n], np.float32))
+        for i, c in enumerate(cs):
+            codes[i].append(np.asarray(c[:n], np.float32))
+    return np.concatenate(acts), [np.concatenate(c) for c in codes]
+
+
+def method_ensembles(scale: common.Scale, acts, progress: bool) -> dict[str, Any]:
+    return {m: table_run(scale, acts, "topk", m, 0, progress)[0] for m in common.METHODS}
+
+
+def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dict[str, Any] | None:
+    from saeens.data.labelled import probing_dataset
+
+    if common.result_done(scale, NAME, force):
+        return None
+    acts = common.get_cache(scale, progress)
+    ens = method_ensembles(scale, acts, progress)
+    cfg = ProbingConfig(ks=KS, context_length=scale.probe_context, batch_size=scale.batch_forward,
+                        max_train_per_class=scale.probe_train_per_class, max_test_per_class=scale.probe_test_per_class)
+    datasets = {}
+    for name in DATASETS:
+        ds = probing_dataset(name).subsample(cfg.max_train_per_class, cfg.max_test_per_class, cfg.seed)
+        pooled = {}
+        for split, docs in (("train", ds.train), ("test", ds.test)):
+            pooled[split] = pool_documents(scale, [d.text for d in docs], tuple(ens.values()), cfg.context_length,
+                                           progress)
+        by_method = {}
+        for i, method in enumerate(ens):
+            tasks = probe_pooled(ds.classes, [d.label for d in ds.train], pooled["train"][0], pooled["train"][1][i],
+                                 [d.label for d in ds.test], pooled["test"][0], pooled["test"][1][i], cfg)
+            by_method[method] = {
+                "llm_test_accuracy": float(np.mean([t.llm_test_accuracy for t in tasks])),
+                **{f"sae_top_{k}_test_accuracy": float(np.mean([dict(t.sae_test_accuracy)[k] for t in tasks]))
+                   for k in KS},
+                "tasks": [t.to_dict() for t in tasks],
+            }
+        datasets[name] = {"counts": ds.counts(), "methods": by_method}
+    result = {"scale": scale.name, "hook": common.hook(), "members": scale.members, "width": scale.width,
+              "k": scale.k, "config": common.dataclasses.asdict(cfg), "datasets": datasets}
+    common.write_result(scale, NAME, result, markdown(result))
+    plot(result, common.results_dir(scale) / f"{NAME}.png")
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    from saeens.evaluate import format_table
+
+    rows = []
+    for name, d in result["datasets"].items():
+        for method, r in d["methods"].items():
+            rows.append({"dataset": name, "method": method, **{f"top_{k}": r[f"sae_top_{k}_test_accuracy"] for k in KS},
+                         "llm_all_dims": r["llm_test_accuracy"]})
+    for method in next(iter(result["datasets"].values()))["methods"]:
+        rows.append({"dataset": "MEAN", "method": method, **{
+            f"top_{k}": float(np.mean([d["methods"][method][f"sae_top_{k}_test_accuracy"]
+                                       for d in result["datasets"].values()])) for k in KS},
+            "llm_all_dims": float(np.mean([d["methods"][method]["llm_test_accuracy"] for d in result["datasets"].values()]))})
+    c = result["config"]
+    return "\n".join([
+        f"# Table 4: concept detection (sparse probing), TopK k = {result['k']}, J = {result['members']}", "",
+        f"Test accuracy of an L2 logistic regression on the top-k latents (mean over one-vs-rest tasks; balanced "
+        f"sets; at most {c['max_train_per_class']} train / {c['max_test_per_class']} test documents per class, "
+        f"first {c['context_length']} tokens). llm_all_dims: the same probe on all raw activation dims. "
+        "Plot: concept_detection.png.", "",
+        f"Regenerate: `python -m experiments.concept_detection --scale {result['scale']}`", "", format_table(rows)])
+
+
+def plot(result: dict[str, Any], out) -> None:
+    from saeens.plots import curves_with_bands
+
+    series: dict[str, dict] = {}
+    hl: dict[str, dict] = {"raw activations": {}}
+    for name, d in result["datasets"].items():
+        for method, r in d["methods"].items():
+            series.setdefault(method, {})[name] = {"x": list(KS), "mean": [r[f"sae_top_{k}_test_accuracy"] for k in KS]}
+            hl["raw activations"][name] = r["llm_test_accuracy"]
+    curves_with_bands(series, list(result["datasets"]), out, xlabel="k latents", hlines=hl,
+                      title=f"{result['hook']}: sparse probing accuracy")
+
+
+if __name__ == "__main__":
+    a = common.parser(__doc__).parse_args()
+    main(common.SCALES[a.scale], a.force, not a.quiet)

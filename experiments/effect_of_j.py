@@ -1,0 +1,121 @@
+"""Figure 2: every metric against the number of members J = 1..members, bagging and boosting (TopK).
+
+No ensemble is trained for this figure. The first j members of a bagging ensemble ARE a bagging
+ensemble of j members (members differ only in their keys; weights become 1/j), and the first j
+stages of a boosting ensemble ARE a boosting ensemble of j stages (stage j never sees later ones).
+So the `seeds` independent J = members ensembles of table 1 are sliced (`common.prefix`), and the
+95% confidence bands are Student-t intervals over those independent ensembles. Stability at J = j
+compares the j-prefixes of the independent ensembles. Connectivity of every prefix comes from one
+co-firing matrix per ensemble (the prefix's firing matrix is its first j*m columns). The spliced
+loss here uses `sweep_spliced_contexts` contexts (clean and zero-ablation computed once).
+Writes results/effect_of_j.{json,md,png}.
+
+    python -m experiments.effect_of_j --scale full
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from experiments import common
+from experiments.intrinsic import table_run
+from saeens import ensemble, metrics
+
+NAME = "effect_of_j"
+METRICS = ("explained_variance", "explained_variance_per_token", "mse", "l0", "relative_reconstruction_bias",
+           "dead_fraction", "dense_fraction", "diversity", "diversity_fraction", "connectivity", "stability",
+           "delta_lm_loss", "loss_recovered")
+PLOTTED = ("explained_variance", "mse", "l0", "relative_reconstruction_bias", "dead_fraction", "diversity_fraction",
+           "connectivity", "stability", "delta_lm_loss", "loss_recovered")
+
+
+def prefix_metrics(scale, acts, spliced: common.Spliced, ens, run_dir: str) -> list[dict[str, Any]]:
+    """Metrics of the prefixes j = 1..J of one ensemble (cached per run directory)."""
+    J = ens.n_members
+    js = list(range(1, J + 1))
+
+    def compute():
+        conn = common.prefix_connectivity(ens, acts, scale, js)
+        out = []
+        for j, c in zip(js, conn):
+            sub = common.prefix(ens, j)
+            r = metrics.evaluate_stream(lambda x, s=sub: ensemble.forward(s, x), acts.chunks("test"), sub.width,
+                                        cofire=False)
+            r["diversity"] = int(metrics.diversity(ensemble.decoder(sub)))
+            r["diversity_fraction"] = r["diversity"] / sub.width
+            r["connectivity"] = c
+            r.update(spliced.fast(sub))
+            out.append({"J": j, **r})
+        return {"prefixes": out}
+
+    path = Path(run_dir) / f"eval-{NAME}-{spliced.contexts.shape[0]}ctx.json"
+    return common.cached_json(path, compute)["prefixes"]
+
+
+def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dict[str, Any] | None:
+    if common.result_done(scale, NAME, force):
+        return None
+    acts = common.get_cache(scale, progress)
+    spliced = common.Spliced(scale, scale.sweep_spliced_contexts)
+    J = scale.members
+    curves: dict[str, dict[str, dict[str, list[float]]]] = {}
+    per_run: dict[str, list] = {}
+    for method in ("bagging", "boosting"):
+        ensembles, rows = [], []
+        for seed in range(scale.seeds):
+            ens, info = table_run(scale, acts, "topk", method, seed, progress)
+            ensembles.append(ens)
+            rows.append(prefix_metrics(scale, acts, spliced, ens, info["run_dir"]))
+        curves[method] = {}
+        for m in METRICS:
+            c = {"x": list(range(1, J + 1)), "mean": [], "ci_low": [], "ci_high": []}
+            for j in range(1, J + 1):
+                if m == "stability":  # one score per independent ensemble: stability's own interval
+                    s = metrics.stability([np.asarray(ensemble.decoder(common.prefix(e, j))) for e in ensembles])
+                else:
+                    s = metrics.mean_ci([r[j - 1][m] for r in rows])
+                for key in ("mean", "ci_low", "ci_high"):
+                    c[key].append(s[key])
+            curves[method][m] = c
+        per_run[method] = rows
+    result = {"scale": scale.name, "hook": common.hook(), "members": J, "seeds": scale.seeds, "k": scale.k,
+              "width": scale.width, "sweep_spliced_contexts": scale.sweep_spliced_contexts,
+              "curves": curves, "runs": per_run}
+    common.write_result(scale, NAME, result, markdown(result))
+    from saeens.plots import curves_with_bands
+
+    curves_with_bands(curves, list(PLOTTED), common.results_dir(scale) / f"{NAME}.png", xlabel="J (members / stages)",
+                      title=f"{result['hook']}: TopK k={scale.k}, m={scale.width}; 95% CI over {scale.seeds} ensembles")
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    from saeens.evaluate import format_table
+
+    lines = [f"# Figure 2: the effect of J (TopK k = {result['k']}, {result['width']} latents per member)", "",
+             f"Prefixes of the {result['seeds']} independent J = {result['members']} ensembles of table 1 "
+             "(a bagging ensemble's first j members are a j-member bagging ensemble; a boosting ensemble's first j "
+             "stages are a j-stage boosting ensemble). Mean [95% CI] over the independent ensembles. Spliced loss "
+             f"over {result['sweep_spliced_contexts']} held-out contexts. Plot: effect_of_j.png.", "",
+             f"Regenerate: `python -m experiments.effect_of_j --scale {result['scale']}`", ""]
+    for method, by_metric in result["curves"].items():
+        lines += [f"## {method}", ""]
+        rows = []
+        for i, j in enumerate(by_metric["explained_variance"]["x"]):
+            row = {"J": j}
+            for m in ("explained_variance", "mse", "l0", "relative_reconstruction_bias", "dead_fraction",
+                      "diversity_fraction", "connectivity", "delta_lm_loss"):
+                row[m] = by_metric[m]["mean"][i]
+            s = by_metric["stability"]
+            row["stability"] = common.fmt_ci(s["mean"][i], s["ci_low"][i], s["ci_high"][i])
+            rows.append(row)
+        lines += [format_table(rows), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    a = common.parser(__doc__).parse_args()
+    main(common.SCALES[a.scale], a.force, not a.quiet)

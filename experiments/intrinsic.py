@@ -1,0 +1,119 @@
+"""Table 1: single vs expanded vs bagging vs boosting at equal feature count (J = members).
+
+For each architecture (TopK, the main one, with `seeds` independent ensembles; ReLU+L1 and JumpReLU
+with `other_seeds`): every metric over the cache's test tokens (mean and 95% Student-t CI over the
+independent runs), stability across the independent runs, spliced LM loss on held-out contexts,
+training wall time and training FLOPs (FLOP model: experiments/common.py). Writes
+results/intrinsic.{json,md} and intrinsic.png.
+
+    python -m experiments.intrinsic --scale full
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from experiments import common
+from saeens import ensemble, metrics
+
+NAME = "intrinsic"
+METRICS = ("mse", "explained_variance", "explained_variance_per_token", "fvu", "l0", "relative_reconstruction_bias",
+           "dead_fraction", "dense_fraction", "diversity", "diversity_fraction", "connectivity", "delta_lm_loss",
+           "loss_recovered", "ce_loss_spliced", "train_seconds", "train_flops")
+
+
+def arch_seeds(scale: common.Scale) -> list[tuple[str, int]]:
+    return [("topk", scale.seeds)] + [(arch, scale.other_seeds) for arch, _ in scale.other_archs]
+
+
+def table_run(scale: common.Scale, acts, arch: str, method: str, seed: int, progress: bool):
+    """One of table 1's runs (trained on first use; the J sweep, probing and SCR reuse them)."""
+    J = 1 if method == "single" else scale.members
+    run = common.run_config(scale, acts.d_in, arch, method, J, seed)
+    return common.ensure_run(scale, common.run_name(arch, method, J, seed, scale.k), run, acts, progress)
+
+
+def evaluate_run(scale, acts, spliced: common.Spliced, ens, info: dict[str, Any]) -> dict[str, Any]:
+    def compute():
+        return {**common.intrinsic_metrics(ens, acts, scale), **spliced.fast(ens)}
+
+    path = common.Path(info["run_dir"]) / f"eval-{NAME}-{spliced.contexts.shape[0]}ctx.json"
+    return {**common.cached_json(path, compute), **info}
+
+
+def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dict[str, Any] | None:
+    if common.result_done(scale, NAME, force):
+        return None
+    acts = common.get_cache(scale, progress)
+    spliced = common.Spliced(scale, scale.spliced_contexts)
+    rows, runs = [], {}
+    for arch, seeds in arch_seeds(scale):
+        for method in common.METHODS:
+            per_seed, decoders = [], []
+            for seed in range(seeds):
+                ens, info = table_run(scale, acts, arch, method, seed, progress)
+                per_seed.append({"seed": seed, **evaluate_run(scale, acts, spliced, ens, info)})
+                decoders.append(np.asarray(ensemble.decoder(ens)))
+            row: dict[str, Any] = {"arch": arch, "method": method, "J": 1 if method == "single" else scale.members,
+                                   "n_features": per_seed[0]["n_features"], "runs": len(per_seed)}
+            for m in METRICS:
+                row[m] = metrics.mean_ci([r[m] for r in per_seed])
+            if len(decoders) >= 2:
+                row.update(common.stability_of(decoders))
+                row.update(common.hungarian_of(decoders, scale))
+            rows.append(row)
+            runs[f"{arch}/{method}"] = per_seed
+    result = {"scale": scale.name, "setting": setting(scale, acts), "rows": rows, "runs": runs}
+    common.write_result(scale, NAME, result, markdown(result))
+    plot(result, common.results_dir(scale) / f"{NAME}.png")
+    return result
+
+
+def setting(scale: common.Scale, acts) -> dict[str, Any]:
+    return {"model": common.MODEL, "hook": common.hook(), "corpora": list(common.CORPORA),
+            "train_rows": acts.n_rows("train"), "test_rows": acts.n_rows("test"),
+            "scale": common.dataclasses.asdict(scale), "cache_seconds": common.cache_seconds(scale),
+            "flop_model": "dense: 12*B*d*m per member-step; boosting + 4*B*d*m per earlier stage per step"}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    from saeens.evaluate import format_table
+
+    s = result["setting"]
+    sc = s["scale"]
+    lines = [f"# Table 1: intrinsic metrics at equal feature count (J = {sc['members']})", "",
+             f"{s['model']} `{s['hook']}`, {s['train_rows']} train / {s['test_rows']} test tokens of "
+             f"{', '.join(s['corpora'])} (split by document). Width {sc['width']} per member, TopK k = {sc['k']}, "
+             f"{sc['train_tokens']} tokens per SAE / boosting stage, batch {sc['batch_size']}, lr {sc['lr']}. "
+             f"Mean over independent runs (TopK: {sc['seeds']}, others: {sc['other_seeds']}); stability: mean "
+             f"[95% CI]. Connectivity over the first {sc['connectivity_tokens']} test tokens; spliced loss over "
+             f"{sc['spliced_contexts']} held-out contexts of {sc['context_length']} tokens. FLOPs: {s['flop_model']}.",
+             "", f"Regenerate: `python -m experiments.intrinsic --scale {result['scale']}`", ""]
+    table = []
+    for r in result["rows"]:
+        t = {"arch": r["arch"], "method": r["method"], "features": r["n_features"]}
+        for m in ("explained_variance", "explained_variance_per_token", "mse", "l0", "relative_reconstruction_bias",
+                  "dead_fraction", "diversity", "connectivity", "delta_lm_loss", "loss_recovered"):
+            t[m] = r[m]["mean"]
+        t["stability"] = common.fmt_ci(r["stability"], r["stability_ci_low"], r["stability_ci_high"]) \
+            if "stability" in r else "n/a"
+        t["train_s"] = r["train_seconds"]["mean"]
+        t["train_TFLOP"] = r["train_flops"]["mean"] / 1e12
+        table.append(t)
+    lines.append(format_table(table))
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], out) -> None:
+    from saeens.plots import grouped_bars
+
+    grouped_bars(result["rows"], ["explained_variance", "l0", "delta_lm_loss", "diversity_fraction", "stability",
+                                  "train_flops"], out, group="arch", bar="method",
+                 title=f"{result['setting']['hook']}: J = {result['setting']['scale']['members']}")
+
+
+if __name__ == "__main__":
+    a = common.parser(__doc__).parse_args()
+    main(common.SCALES[a.scale], a.force, not a.quiet)

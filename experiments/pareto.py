@@ -1,0 +1,81 @@
+"""Figure 3: sparsity-fidelity fronts (L0 vs FVU, L0 vs delta LM loss), TopK at several k.
+
+Single SAE, expanded SAE (J*m latents, same k: its L0 is k), bagging and boosting (J = pareto_members
+members of m latents: their L0 is the SUM of the members' L0, about J*k) for k in pareto_ks, seed 0.
+At the table's k the single SAE is table 1's, and bagging/boosting are the first pareto_members
+members/stages of table 1's seed-0 ensembles (a prefix is an ensemble of that size); the other
+points are trained here. Writes results/pareto.{json,md,png}.
+
+    python -m experiments.pareto --scale full
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from experiments import common
+from experiments.intrinsic import table_run
+
+NAME = "pareto"
+
+
+def point_ensemble(scale: common.Scale, acts, method: str, k: int, progress: bool):
+    J = scale.pareto_members
+    if k == scale.k and method in ("single", "bagging", "boosting") and J <= scale.members:
+        ens, info = table_run(scale, acts, "topk", method, 0, progress)
+        if method == "single":
+            return ens, info
+        equivalent = common.run_config(scale, acts.d_in, "topk", method, J, 0)  # what a J-member run costs
+        return common.prefix(ens, J), {**info, "sliced_from": scale.members, "train_seconds": float("nan"),
+                                       "train_flops": common.train_flops(equivalent)}
+    Jm = 1 if method == "single" else J
+    run = common.run_config(scale, acts.d_in, "topk", method, Jm, 0, k=k)
+    return common.ensure_run(scale, common.run_name("topk", method, Jm, 0, k), run, acts, progress)
+
+
+def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dict[str, Any] | None:
+    if common.result_done(scale, NAME, force):
+        return None
+    acts = common.get_cache(scale, progress)
+    spliced = common.Spliced(scale, scale.spliced_contexts)
+    points: dict[str, list[dict[str, Any]]] = {m: [] for m in common.METHODS}
+    for k in scale.pareto_ks:
+        for method in common.METHODS:
+            ens, info = point_ensemble(scale, acts, method, k, progress)
+
+            def compute(ens=ens):
+                return {**common.intrinsic_metrics(ens, acts, scale), **spliced.fast(ens)}
+
+            tag = f"J{ens.n_members}-{spliced.contexts.shape[0]}ctx"
+            r = common.cached_json(Path(info["run_dir"]) / f"eval-{NAME}-{tag}.json", compute)
+            points[method].append({"k": k, "J": ens.n_members, **r, **info})
+    result = {"scale": scale.name, "hook": common.hook(), "members": scale.pareto_members, "width": scale.width,
+              "ks": list(scale.pareto_ks), "spliced_contexts": scale.spliced_contexts, "points": points}
+    common.write_result(scale, NAME, result, markdown(result))
+    from saeens.plots import pareto
+
+    pareto(points, [("l0", "fvu"), ("l0", "delta_lm_loss")], common.results_dir(scale) / f"{NAME}.png",
+           title=f"{result['hook']}: TopK, J={scale.pareto_members}, m={scale.width} per member (labels: k)")
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    from saeens.evaluate import format_table
+
+    rows = [{"method": m, "k": p["k"], "J": p["J"], "features": p["n_features"], "l0": p["l0"], "fvu": p["fvu"],
+             "explained_variance": p["explained_variance"], "delta_lm_loss": p["delta_lm_loss"],
+             "loss_recovered": p["loss_recovered"], "dead_fraction": p["dead_fraction"],
+             "train_TFLOP": p["train_flops"] / 1e12}
+            for m, pts in result["points"].items() for p in pts]
+    return "\n".join([
+        f"# Figure 3: sparsity vs fidelity (TopK, J = {result['members']}, {result['width']} latents per member)", "",
+        "L0 of an ensemble is the sum over members; the expanded SAE keeps k active latents of J*m. "
+        "At the main k, bagging/boosting are prefixes of table 1's seed-0 ensembles (train_TFLOP: what a "
+        "J-member run costs; no wall time). Plot: pareto.png.", "",
+        f"Regenerate: `python -m experiments.pareto --scale {result['scale']}`", "", format_table(rows)])
+
+
+if __name__ == "__main__":
+    a = common.parser(__doc__).parse_args()
+    main(common.SCALES[a.scale], a.force, not a.quiet)
