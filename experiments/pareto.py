@@ -49,7 +49,8 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
 
             tag = f"J{ens.n_members}-{spliced.contexts.shape[0]}ctx"
             r = common.cached_json(Path(info["run_dir"]) / f"eval-{NAME}-{tag}.json", compute)
-            points[method].append({"k": k, "J": ens.n_members, **r, **info})
+            J = 1 if method == "single" else scale.pareto_members  # the expanded SAE: J*m latents in one SAE
+            points[method].append({"k": k, "J": J, **r, **info})
     result = {"scale": scale.name, "hook": common.hook(), "members": scale.pareto_members, "width": scale.width,
               "ks": list(scale.pareto_ks), "spliced_contexts": scale.spliced_contexts, "points": points}
     common.write_result(scale, NAME, result, markdown(result))

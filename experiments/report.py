@@ -44,12 +44,16 @@ def intrinsic_findings(t1: dict) -> list[str]:
     for arch in dict.fromkeys(r["arch"] for r in t1["rows"]):
         rows = {m: _row(t1, arch, m) for m in common.METHODS}
         ev = {m: r["explained_variance"]["mean"] for m, r in rows.items() if r}
-        best = max(ev, key=ev.get)
+        ev_tok = {m: r["explained_variance_per_token"]["mean"] for m, r in rows.items() if r}
+        mse = {m: r["mse"]["mean"] for m, r in rows.items() if r}
+        best, best_tok, best_mse = max(ev, key=ev.get), max(ev_tok, key=ev_tok.get), min(mse, key=mse.get)
         out.append(
             f"- **Explained variance, {arch}** (paper: boosting best at J = 8 in all three settings, e.g. 0.998 vs "
-            f"0.987 for the expanded SAE on Pythia-160M). Here (J = {J}): "
-            + ", ".join(f"{m} {f3(v)}" for m, v in ev.items())
-            + f". Best: **{best}** -> {'consistent' if best == 'boosting' else 'NOT consistent'} with the paper.")
+            f"0.987 for the expanded SAE on Pythia-160M; the paper's EV is per dimension). Here (J = {J}), "
+            "per-dimension EV: " + ", ".join(f"{m} {f3(v)}" for m, v in ev.items())
+            + f". Best: **{best}** -> {'consistent' if best == 'boosting' else 'NOT consistent'} with the paper. "
+            f"Per-token EV (SAELens) best: {best_tok}; lowest MSE: {best_mse}"
+            + (" (the definitions agree)." if best == best_tok == best_mse else " (the definitions DISAGREE: see intrinsic.md)."))
         if "expanded" in ev and "bagging" in ev:
             trails = ev["bagging"] < ev["expanded"]
             out.append(f"- **Bagging vs expanded reconstruction, {arch}** (paper: bagging trails the expanded SAE on "

@@ -81,16 +81,18 @@ def markdown(result: dict[str, Any]) -> str:
     for method, r in result["methods"].items():
         row = {"method": method, "features": r["n_features"], "biased": r["biased_accuracy"],
                "oracle": r["oracle_accuracy"], "spurious_probe": r["spurious_accuracy"]}
-        for a in r["ablations"]:
-            row[f"N={a['n_ablated']}"] = a["score"]
-        row["random_N=max"] = r["random_ablations"][-1]["score"] if r["random_ablations"] else float("nan")
+        for n, a in zip(result["config"]["n_ablated"], r["ablations"]):  # N is capped at the feature count
+            row[f"N={n}"] = a["score"]
+        row[f"random_N={result['config']['n_ablated'][-1]}"] = \
+            r["random_ablations"][-1]["score"] if r["random_ablations"] else float("nan")
         rows.append(row)
     c = result["config"]
     return "\n".join([
         f"# Table 5: spurious-correlation removal on {result['dataset']} (TopK k = {result['k']}, J = {result['members']})",
         "", "score(N) = (acc_ablated - acc_biased) / (acc_oracle - acc_biased) of the biased probe on the balanced "
         f"test set after zero-ablating the top N latents (error term kept); {c['n_train_per_group']} documents per "
-        f"biased train group, {c['n_test_per_group']} per test group. random_N=max: N random latents (control). "
+        f"biased train group, {c['n_test_per_group']} per test group (N is capped at the number of features). "
+        "random_N: N random latents (control). "
         "Plot: spurious_removal.png.", "",
         f"Regenerate: `python -m experiments.spurious_removal --scale {result['scale']}`", "", format_table(rows)])
 

@@ -114,6 +114,10 @@ def curves_with_bands(series: dict[str, dict[str, dict[str, list[float]]]], metr
             if m in levels and levels[m] == levels[m]:
                 ax.axhline(levels[m], color=f"C{len(series) + hi_}", ls="--", lw=1, label=name)
         ax.set_xscale(xscale)
+        if xscale == "linear":
+            from matplotlib.ticker import MaxNLocator
+
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(m, fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.tick_params(labelsize=7)
