@@ -49,18 +49,19 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), progress: bool = T
     from saeens.train import fit
 
     out = Path(out)
-    if out.exists() and any(p.name != "acts" for p in out.iterdir()):
-        raise SaeensError(f"{out} is not empty: pass a new --out (or delete it) to run the demo again")
+    cfg_path = out / "demo_config.json"
+    wanted = json.dumps(dataclasses.asdict(cfg), indent=2)
+    if cfg_path.is_file():
+        if cfg_path.read_text() != wanted:
+            raise SaeensError(f"{out} holds a demo with other settings: pass a new --out (or delete it)")
+    elif out.exists() and any(out.iterdir()):
+        raise SaeensError(f"{out} is not empty: pass a new --out (or delete it) to run the demo")
     out.mkdir(parents=True, exist_ok=True)
-    acts_dir = out / "acts"
+    atomic_write_text(cfg_path, wanted)  # an interrupted demo resumes: the cache and every run do
     t0 = time.perf_counter()
-    if not (acts_dir / "meta.json").is_file() or not json.loads((acts_dir / "meta.json").read_text()).get("complete"):
-        if acts_dir.exists():  # a cache cut short by an interruption: start it again
-            import shutil
-
-            shutil.rmtree(acts_dir)
-        build_cache(cfg.model, cfg.layer, "resid_post", cfg.dataset, cfg.cache_tokens, acts_dir,
-                    context_length=cfg.context_length, batch_size=16, seed=cfg.seed, progress=progress)
+    acts_dir = out / "acts"
+    build_cache(cfg.model, cfg.layer, "resid_post", cfg.dataset, cfg.cache_tokens, acts_dir,
+                context_length=cfg.context_length, batch_size=16, seed=cfg.seed, progress=progress)
     cache_seconds = time.perf_counter() - t0
     acts = ActivationCache(acts_dir)
     model, tokenizer = load_model(cfg.model)
