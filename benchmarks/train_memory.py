@@ -1,10 +1,11 @@
 """Memory over a long training run: peak and current RSS early and at the end.
 
-Writes a large synthetic activation cache shard by shard (never whole in memory), trains a
-bagging ensemble for many steps from it, and samples /proc/self/status (VmHWM = peak RSS, RssAnon
-= heap, RssFile = file pages mapped from the memory-mapped shards) after the first steps and at
-the end. Flat memory means the end figures are about the early ones. Usage:
-    python -m benchmarks.train_memory [--rows 2000000] [--d-in 256] [--steps 3000] [--json OUT]
+Writes a large synthetic activation cache shard by shard (never whole in memory), trains ONE
+bagging run for many steps from it (paused and resumed in-process, so nothing recompiles), and
+samples /proc/self/status (VmHWM = peak RSS, RssAnon = heap, RssFile = pages of the memory-mapped
+shards, bounded by the cache size and reclaimable) after the first steps, halfway and at the end.
+Flat memory means the later figures are about the early ones. Usage:
+    python -m benchmarks.train_memory [--rows 1000000] [--d-in 256] [--steps 2000] [--json OUT]
 """
 
 from __future__ import annotations
@@ -42,11 +43,11 @@ def write_cache(out: Path, rows: int, d_in: int, shard_rows: int = 65536) -> Non
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=2_000_000)
+    ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--d-in", type=int, default=256)
-    ap.add_argument("--width", type=int, default=1024)
-    ap.add_argument("--members", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--members", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--early", type=int, default=100, help="steps after which the early sample is taken")
     ap.add_argument("--json")
@@ -63,27 +64,25 @@ def main() -> None:
         acts = ActivationCache(Path(tmp) / "acts")
         after_cache = proc_status()
 
-        def run(steps: int, out: str):
-            cfg = RunConfig(
-                SAEConfig(d_in=args.d_in, width=args.width, arch="topk", k=32),
-                TrainConfig(n_tokens=steps * args.batch_size, batch_size=args.batch_size, checkpoint_every=500,
-                            log_every=100),
-                EnsembleConfig("bagging", args.members),
-            )
-            t = time.perf_counter()
-            train.fit(Path(tmp) / out, cfg, acts, progress=False)
-            return time.perf_counter() - t
-
-        early_s = run(args.early, "early")
-        early = proc_status()
-        long_s = run(args.steps, "long")
-        end = proc_status()
+        cfg = RunConfig(
+            SAEConfig(d_in=args.d_in, width=args.width, arch="topk", k=32),
+            TrainConfig(n_tokens=args.steps * args.batch_size, batch_size=args.batch_size, checkpoint_every=500,
+                        log_every=100),
+            EnsembleConfig("bagging", args.members),
+        )
+        samples, done = {}, 0
+        t = time.perf_counter()
+        for upto in sorted({args.early, args.steps // 2, args.steps}):  # ONE run, paused and resumed in-process
+            train.fit(Path(tmp) / "run", cfg, acts, progress=False, stop_after=upto - done)
+            done = upto
+            samples[f"after_{upto}_steps_mb"] = proc_status()
+        train_s = time.perf_counter() - t
     result = {
         "rows": args.rows, "d_in": args.d_in, "cache_gb": args.rows * args.d_in * 4 / 1e9, "steps": args.steps,
         "batch_size": args.batch_size, "members": args.members, "width": args.width,
         "tokens_seen": args.steps * args.batch_size, "epochs": args.steps * args.batch_size / args.rows,
-        "after_cache_write_mb": after_cache, f"after_{args.early}_steps_mb": early, f"after_{args.steps}_steps_mb": end,
-        "seconds": {"cache_write": cache_s, "early_run": early_s, "long_run": long_s}, "loadavg": os.getloadavg(),
+        "after_cache_write_mb": after_cache, **samples,
+        "seconds": {"cache_write": cache_s, "train": train_s}, "loadavg": os.getloadavg(),
     }
     print(json.dumps(result, indent=2))
     if args.json:

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_out", help="write the metrics here as JSON")
     p.add_argument("--model", help="also measure spliced LM loss with this model")
     p.add_argument("--layer", type=int)
-    p.add_argument("--dataset", default="bbc-news")
+    p.add_argument("--dataset", help="text for the spliced loss (default: the cache's dataset)")
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("export", help="write a run in SAELens layout")
@@ -153,9 +153,18 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"resuming the run in {out}", file=sys.stderr)
     elif out.exists() and any(out.iterdir()):
         raise SaeensError(f"{out} is not empty and holds no run: choose a new --out")
+    source = {"path": str(Path(args.activations).absolute()), "d_in": acts.d_in, "train_rows": acts.n_rows("train")}
+    source_path = out / "activations.json"
+    if source_path.is_file():
+        old_source = json.loads(source_path.read_text())
+        if old_source["train_rows"] != source["train_rows"]:
+            raise SaeensError(
+                f"{out} was trained on {old_source['path']} ({old_source['train_rows']} rows), not on this cache "
+                f"({source['train_rows']} rows): resume with the original --activations or use a new --out"
+            )
     out.mkdir(parents=True, exist_ok=True)
     run.save(cfg_path)
-    (out / "activations.txt").write_text(str(Path(args.activations).absolute()) + "\n")
+    source_path.write_text(json.dumps(source, indent=2))
     fit(out, run, acts, progress=not args.quiet, mesh=_mesh(args.mesh))
     print(f"trained {run.ensemble.method} run written to {out}")
 
@@ -167,9 +176,15 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     acts = ActivationCache(args.activations)
     result = evaluate_run(args.run, acts, split=args.split, progress=not args.quiet)
     if args.model:
-        from saeens.evals.spliced import spliced_metrics
+        from saeens.evals.spliced import SplicedConfig, spliced_metrics
 
-        result.update(spliced_metrics(args.run, args.model, args.layer, args.dataset))
+        meta = acts.meta
+        dataset = args.dataset or meta.get("dataset")
+        if not dataset:
+            raise SaeensError("the cache does not record its dataset: pass --dataset D for the spliced loss")
+        cfg = SplicedConfig(context_length=meta.get("context_length") or 128, seed=meta.get("split_seed", 0),
+                            test_fraction=meta.get("test_fraction", 0.1))
+        result.update(spliced_metrics(args.run, args.model, args.layer, dataset, cfg, progress=not args.quiet))
     print_table([{"run": args.run, **result}])
     _write_json(args.json_out, result)
 

@@ -13,6 +13,7 @@ from saeens.ensemble import Ensemble
 from saeens.errors import SaeensError
 
 MAX_COFIRE = 16384
+MAX_HUNGARIAN = 8192  # features per run above which the exact one-to-one matching is skipped
 
 
 def evaluate_ensemble(ens: Ensemble, acts, split: str = "test", progress: bool = False) -> dict[str, float]:
@@ -49,7 +50,10 @@ def stability_of_runs(runs: list[str | Path]) -> dict[str, Any]:
     if len({d.shape[1] for d in decoders}) != 1:
         raise SaeensError("the runs have different d_in: compare runs trained on the same activations")
     out: dict[str, Any] = {"runs": [str(r) for r in runs], "features_per_run": [int(d.shape[0]) for d in decoders]}
-    for name, result in (("stability", metrics.stability(decoders)), ("hungarian_stability", metrics.hungarian_stability(decoders))):
+    results = [("stability", metrics.stability(decoders))]
+    if max(d.shape[0] for d in decoders) <= MAX_HUNGARIAN:  # an F x F float64 matrix per pair, O(F^3)
+        results.append(("hungarian_stability", metrics.hungarian_stability(decoders)))
+    for name, result in results:
         out[name] = result["mean"]
         out[f"{name}_ci_low"], out[f"{name}_ci_high"] = result["ci_low"], result["ci_high"]
         out[f"{name}_scores"] = result["scores"]

@@ -259,7 +259,7 @@ def _forward(spec: Spec, W_enc, b_enc, W_dec, b_dec, x_BD, dead_M):
     dead = _dead_blocks(dead_M, blk)
     thr_B = _aux_threshold(xc_BD, W_enc, b_enc, dead, spec.k_aux, blk)
     err_hat_BD = _aux_forward(xc_BD, W_enc, b_enc, W_dec, dead, thr_B, blk)
-    total_var = jnp.maximum(jnp.sum((x_BD - x_BD.mean(0)) ** 2), 1e-12)
+    total_var = jnp.float32(x_BD.shape[0])  # AuxK on the main loss's scale: mean over tokens (sae.auxk_loss)
     diff_BD = err_hat_BD - err_BD  # the target err is a constant (stop_gradient in sae.auxk_loss)
     auxk = jnp.where(dead.n > 0, jnp.sum(diff_BD**2) / total_var, 0.0)
     out = (mse, auxk, a_N, rows_N, lat_N)

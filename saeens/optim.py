@@ -53,6 +53,3 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
         renormalize_decoder(),
     )
 
-
-def decoder_row_norms(params: dict[str, jax.Array]) -> jax.Array:
-    return jnp.linalg.norm(params["W_dec"], axis=-1)

@@ -131,19 +131,19 @@ def forward(params: Params, cfg: SAEConfig, x_BD: jax.Array) -> tuple[jax.Array,
 
 
 def auxk_loss(
-    pre_BM: jax.Array, err_BD: jax.Array, x_BD: jax.Array, dead_M: jax.Array, W_dec_MD: jax.Array, k_aux: int
+    pre_BM: jax.Array, err_BD: jax.Array, dead_M: jax.Array, W_dec_MD: jax.Array, k_aux: int
 ) -> jax.Array:
     """Gao et al. AuxK: the top-k_aux DEAD latents reconstruct the residual error err = x - x_hat.
 
-    Normalised by the variance of x (the SAE's own input: for a boosting stage, its residual).
-    Zero when no latent is dead.
+    On the main loss's scale (squared error summed over d, mean over tokens), so aux_coeff = 1/32
+    weighs it as in Gao et al.; err is the error of the SAE's own input (for a boosting stage,
+    its residual). Zero when no latent is dead.
     """
     masked_BM = jnp.where(dead_M, pre_BM, -jnp.inf)
     aux_codes_BM = topk_codes(masked_BM, k_aux)
     err_hat_BD = aux_codes_BM @ W_dec_MD
     target_BD = jax.lax.stop_gradient(err_BD)
-    total_var = jnp.sum((x_BD - x_BD.mean(0)) ** 2)
-    loss = jnp.sum((err_hat_BD - target_BD) ** 2) / jnp.maximum(total_var, 1e-12)
+    loss = jnp.mean(jnp.sum((err_hat_BD - target_BD) ** 2, axis=-1))
     return jnp.where(jnp.any(dead_M), loss, 0.0)
 
 
@@ -170,7 +170,7 @@ def loss(
         gates_BM = _step(jax.nn.relu(pre_BM), threshold(params), cfg.jumprelu_bandwidth)
         sparsity = cfg.l0_coeff * jnp.mean(jnp.sum(gates_BM, axis=-1))
     else:
-        sparsity = cfg.aux_coeff * auxk_loss(pre_BM, err_BD, x_BD, dead_M, params["W_dec"], cfg.k_aux)
+        sparsity = cfg.aux_coeff * auxk_loss(pre_BM, err_BD, dead_M, params["W_dec"], cfg.k_aux)
     on_BM = jax.lax.stop_gradient(codes_BM) > 0
     aux = {
         "mse": mse,

@@ -160,7 +160,7 @@ def init_sample(acts: Activations, tcfg: TrainConfig) -> np.ndarray:
     return sample
 
 
-def _checkpoint_manager(run_dir: Path, tcfg: TrainConfig):
+def _checkpoint_manager(run_dir: Path):
     import orbax.checkpoint as ocp
 
     return ocp.CheckpointManager(
@@ -201,6 +201,8 @@ def fit(
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not getattr(acts, "meta", {}).get("complete", True):
+        raise SaeensError("the activation cache is incomplete (its saeens cache run was cut short): re-run the same saeens cache command to finish it")
     n_train = acts.n_rows("train")
     if n_train < 1:
         raise SaeensError("the activation cache has no training rows: rebuild it with more tokens")
@@ -217,7 +219,7 @@ def fit(
         stacked = sharding.is_stacked(run.ensemble.method)
         method = sharding.shard_method(method, mesh, stacked)  # init places, step keeps the layout
         abstract = sharding.abstract_state(abstract, mesh, stacked)
-    mngr = _checkpoint_manager(run_dir, tcfg)
+    mngr = _checkpoint_manager(run_dir)
     if mngr.latest_step() is not None:
         state = _restore(mngr, abstract)
     else:
@@ -269,8 +271,14 @@ def _truncate_log(log_path: Path, step: int) -> None:
         return
     from saeens.data.cache import atomic_write_text
 
+    def step_of(line: str) -> float:
+        try:
+            return json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):  # a line torn by a kill or a full disk
+            return float("inf")
+
     lines = [ln for ln in log_path.read_text().splitlines() if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln)["step"] <= step]
+    kept = [ln for ln in lines if step_of(ln) <= step]
     if len(kept) != len(lines):
         atomic_write_text(log_path, "".join(ln + "\n" for ln in kept))
 
@@ -327,9 +335,11 @@ def load_ensemble(run_dir: str | Path) -> tuple[Ensemble, dict[str, Any]]:
     try:
         meta = json.loads(meta_path.read_text())
         arrays = load_file(str(weights_path))
+        weights = jnp.asarray(arrays.pop("weights"))
+        cfg = SAEConfig(**meta["sae"])
+    except SaeensError:
+        raise
     except Exception as e:
         raise SaeensError(f"the run in {run_dir} is corrupt ({type(e).__name__}): retrain it into a new --out") from None
-    weights = jnp.asarray(arrays.pop("weights"))
-    cfg = SAEConfig(**meta["sae"])
     params = {k: jnp.asarray(v) for k, v in arrays.items()}
     return Ensemble(params, weights, cfg, sequential=bool(meta["sequential"])), meta

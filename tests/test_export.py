@@ -16,8 +16,8 @@ from saeens.config import SAEConfig
 from saeens.errors import SaeensError
 from saeens.export import export_saelens, load_export, load_saelens
 
-sae_lens = pytest.importorskip("sae_lens")
-torch = pytest.importorskip("torch")
+import sae_lens  # noqa: E402 - a declared test dependency: a broken install must fail, not skip
+import torch  # noqa: E402
 from sae_lens import SAE  # noqa: E402
 
 D, M, K = 12, 16, 4

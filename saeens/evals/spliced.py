@@ -116,7 +116,11 @@ def spliced_metrics(run: str | Path, model_name: str, layer: int | None, dataset
     from saeens.train import load_ensemble
 
     ens, meta = load_ensemble(run)
-    hook = hook_name(layer, "resid_post") if layer is not None else meta.get("hook")
+    hook = meta.get("hook")
+    if layer is not None:
+        if hook is not None and hook != hook_name(layer, "resid_post"):
+            raise SaeensError(f"the run was trained at {hook}, not at layer {layer}'s resid_post: drop --layer")
+        hook = hook_name(layer, "resid_post")
     if hook is None:
         raise SaeensError(f"the run in {run} does not record its hook: pass --layer L")
     model, tokenizer = load_model(model_name)
