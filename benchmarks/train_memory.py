@@ -3,7 +3,7 @@
 Writes a large synthetic activation cache shard by shard (never whole in memory), trains ONE
 bagging run for many steps from it (paused and resumed in-process, so nothing recompiles), and
 samples /proc/self/status (VmHWM = peak RSS, RssAnon = heap, RssFile = pages of the memory-mapped
-shards, bounded by the cache size and reclaimable) after the first steps, halfway and at the end.
+shards, bounded by the cache size and reclaimable) after the first steps and at every fifth of the run.
 Flat memory means the later figures are about the early ones. Usage:
     python -m benchmarks.train_memory [--rows 1000000] [--d-in 256] [--steps 2000] [--json OUT]
 """
@@ -72,7 +72,7 @@ def main() -> None:
         )
         samples, done = {}, 0
         t = time.perf_counter()
-        for upto in sorted({args.early, args.steps // 2, args.steps}):  # ONE run, paused and resumed in-process
+        for upto in sorted({args.early, *range(args.steps // 5, args.steps + 1, args.steps // 5)}):  # ONE run, paused and resumed in-process
             train.fit(Path(tmp) / "run", cfg, acts, progress=False, stop_after=upto - done)
             done = upto
             samples[f"after_{upto}_steps_mb"] = proc_status()

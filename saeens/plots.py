@@ -31,9 +31,10 @@ def metric_bars(rows: list[dict[str, Any]], metrics: list[str], out: Path, title
 def training_curves(runs: dict[str, Path], out: Path, key: str = "mse") -> Path:
     """The logged training `key` (metrics.jsonl) against step, one line per run."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name, run in runs.items():
+    for i, (name, run) in enumerate(runs.items()):
         rows = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines() if line]
-        ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=name)
+        # dashes keep curves that coincide visible (boosting's first stage IS the single SAE)
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=name, linestyle=("-", "--", "-.", ":")[i % 4])
     ax.set_xlabel("step (boosting: all stages in sequence)")
     ax.set_ylabel(f"training {key} (normalised units)")
     ax.set_yscale("log")

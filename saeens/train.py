@@ -232,6 +232,7 @@ def fit(
         _truncate_log(log_path, start)
     end = method.n_steps if stop_after is None else min(method.n_steps, start + stop_after)
     bar = tqdm(range(start, end), total=method.n_steps, initial=start, disable=not progress, desc="train", unit="step")
+    window: list[dict[str, jax.Array]] = []
     with open(log_path if writer else os.devnull, "a") as log:
         for step in bar:
             if method.prepare is not None:
@@ -241,10 +242,15 @@ def fit(
             if mesh is None:
                 _check_batch(acts, x_BD, idx_B)
             state, metrics = method.step(state, x_BD, jax.random.fold_in(step_key, step))
+            window.append(metrics)  # device scalars: no host sync until the log step
             done = step + 1
             is_ckpt = done == method.n_steps or (tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0)
             if done % tcfg.log_every == 0 or is_ckpt or done == end:
-                row = {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items()}
+                # the mean over the steps since the last row (and over members): one batch's outliers
+                # do not masquerade as a trend, and a non-finite loss anywhere in the window shows
+                rows = jax.device_get(window)
+                window = []
+                row = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
                 if not math.isfinite(row["loss"]):
                     raise SaeensError(
                         f"loss became {row['loss']} at step {done}: lower --lr or check the activations for "
