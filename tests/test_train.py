@@ -26,8 +26,10 @@ def _run(method, J=1, arch="topk", width=32, n_tokens=128 * 40, **train_kw):
     )
 
 
-@pytest.mark.parametrize("arch", ["topk", "relu", "jumprelu", "batchtopk"])
-def test_bagging_vmap_equals_separate_trainings(syn, arch):
+@pytest.mark.parametrize("arch,member_batch", [("topk", None), ("relu", None), ("jumprelu", None), ("batchtopk", None),
+                                               ("topk", 1), ("batchtopk", 2)])
+def test_bagging_vmap_equals_separate_trainings(syn, arch, member_batch):
+    """member_batch None: one vmap over all members; 1: a loop in the step; 2: vmapped chunks."""
     J, steps = 3, 12
     run = _run("bagging", J, arch)
     cfg, tcfg = run.sae, run.train
@@ -35,7 +37,7 @@ def test_bagging_vmap_equals_separate_trainings(syn, arch):
     sample = jnp.asarray(syn.acts_ND[:512])
     key = jax.random.key(7)
     stacked = bagging.init_members(key, cfg, tcfg, sample, J, opt)
-    bag_step = jax.jit(bagging.make_bagging_step(cfg, opt))
+    bag_step = jax.jit(bagging.make_bagging_step(cfg, opt, member_batch))
     batches = [syn.acts_ND[batch_indices(8000, 128, 0, s)] for s in range(steps)]
     for s, x in enumerate(batches):
         stacked, _ = bag_step(stacked, x, jax.random.fold_in(key, s))
