@@ -214,7 +214,8 @@ def bagging_case(s: Sizes, kernel: str, J: int, arch: str = "topk") -> dict[str,
     bag = time_calls(bag_call, reps, s.warmup)
     state_bytes = tree_bytes(box["state"])
     rss_bag = peak_rss_mb()
-    del box, stacked
+    box.clear()
+    del stacked
 
     single = jax.jit(train.make_step(cfg, opt), donate_argnums=0)
     states = [train.init_state(k, cfg, tcfg, x, opt) for k in bagging.member_keys(jax.random.key(0), J)]

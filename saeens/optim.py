@@ -8,7 +8,6 @@ on the renormalised row.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import optax
 

@@ -16,9 +16,8 @@ from saeens.config import SAEConfig
 from saeens.errors import SaeensError
 from saeens.export import export_saelens, load_export, load_saelens
 
-import sae_lens  # noqa: E402 - a declared test dependency: a broken install must fail, not skip
 import torch  # noqa: E402
-from sae_lens import SAE  # noqa: E402
+from sae_lens import SAE  # noqa: E402 - a declared test dependency: a broken install fails, never skips
 
 D, M, K = 12, 16, 4
 ARCHS = ("relu", "topk", "jumprelu", "batchtopk")

@@ -4,7 +4,6 @@ a tiny model, the end-to-end eval, and the labelled datasets (local corpora and 
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from saeens import ensemble, models, sae
 from saeens.config import SAEConfig
@@ -21,19 +20,13 @@ HOOK = "blocks.0.hook_resid_post"
 
 
 @pytest.fixture(scope="module")
-def model():
-    cfg = models.ModelConfig(family="llama", vocab_size=257, d_model=8, n_layers=2, n_heads=2, n_kv_heads=1,
-                             d_head=4, d_mlp=16, max_positions=64, name="tiny")
-    abstract = nnx.eval_shape(lambda: models.Transformer(cfg, rngs=nnx.Rngs(0)))
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda s: rng.normal(0, 0.3, s.shape).astype(np.float32), nnx.to_pure_dict(nnx.split(abstract)[1]))
-    return models.build_model(cfg, params)
+def model(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")
-def ens():
-    cfg = SAEConfig(d_in=8, width=12, arch="relu")
-    return ensemble.bagging(cfg, jax.vmap(lambda k: sae.init(k, cfg))(jax.random.split(jax.random.key(1), 2)))
+def ens(tiny_bagging):
+    return tiny_bagging
 
 
 def test_top_k_matches_hand_computed_selection():

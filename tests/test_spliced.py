@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from saeens import ensemble, models, sae
 from saeens.config import SAEConfig
@@ -15,13 +14,8 @@ HOOK = "blocks.1.hook_resid_post"
 
 
 @pytest.fixture(scope="module")
-def model():
-    cfg = models.ModelConfig(family="llama", vocab_size=97, d_model=8, n_layers=2, n_heads=2, n_kv_heads=1,
-                             d_head=4, d_mlp=16, max_positions=32, name="tiny")
-    abstract = nnx.eval_shape(lambda: models.Transformer(cfg, rngs=nnx.Rngs(0)))
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda s: rng.normal(0, 0.3, s.shape).astype(np.float32), nnx.to_pure_dict(nnx.split(abstract)[1]))
-    return models.build_model(cfg, params)
+def model(tiny_model):
+    return tiny_model
 
 
 TOKENS = np.random.default_rng(1).integers(0, 97, (5, 12)).astype(np.int32)
