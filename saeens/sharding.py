@@ -196,7 +196,9 @@ def process_rows(mesh: Mesh, batch_size: int) -> np.ndarray:
     return np.concatenate([np.arange(lo, hi) for lo, hi in starts])
 
 
-def gather_batch(acts: Any, idx_B: np.ndarray, mesh: Mesh, split: str = "train") -> jax.Array:
+def gather_batch(
+    acts: Any, idx_B: np.ndarray, mesh: Mesh, split: str = "train", check: Callable | None = None
+) -> jax.Array:
     """The global batch `acts.gather(idx_B)` on the mesh, reading only this process's rows.
 
     idx_B is the global batch's row order (`batch_indices(n, B, seed, step)`, identical on every
@@ -206,6 +208,8 @@ def gather_batch(acts: Any, idx_B: np.ndarray, mesh: Mesh, split: str = "train")
     idx_B = np.asarray(idx_B)
     rows = process_rows(mesh, idx_B.shape[0])
     local_RD = acts.gather(idx_B[rows], split)
+    if check is not None:  # e.g. NaN/Inf rows, named by shard and row (train._check_batch)
+        check(local_RD, idx_B[rows])
     return jax.make_array_from_process_local_data(
         batch_sharding(mesh), local_RD, (idx_B.shape[0], local_RD.shape[1])
     )

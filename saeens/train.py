@@ -238,9 +238,11 @@ def fit(
             if method.prepare is not None:
                 state = method.prepare(state, step, sample)
             idx_B = batch_indices(n_train, tcfg.batch_size, tcfg.seed, step)
-            x_BD = acts.gather(idx_B, "train") if mesh is None else sharding.gather_batch(acts, idx_B, mesh)
             if mesh is None:
+                x_BD = acts.gather(idx_B, "train")
                 _check_batch(acts, x_BD, idx_B)
+            else:  # each process reads (and checks) only its rows
+                x_BD = sharding.gather_batch(acts, idx_B, mesh, check=lambda x, i: _check_batch(acts, x, i))
             state, metrics = method.step(state, x_BD, jax.random.fold_in(step_key, step))
             window.append(metrics)  # device scalars: no host sync until the log step
             done = step + 1
