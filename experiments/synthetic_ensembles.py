@@ -60,6 +60,7 @@ def main_(out: Path, work: Path, seeds: int) -> dict:
         sj = work / f"{name}_stability.json"
         run(["stability", *runs, "--json", str(sj)])
         s = json.loads(sj.read_text())
+        s["runs"] = [Path(r).name for r in s["runs"]]  # run names, not this machine's paths
         stab[name] = s
         row = next(r for r in rows if r["method"] == name)
         row["stability"] = s["stability"]
@@ -80,7 +81,7 @@ def main_(out: Path, work: Path, seeds: int) -> dict:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/saeens-synthetic"))
+    ap.add_argument("--work", type=Path, default=Path(__file__).parent / "work" / "synthetic")
     ap.add_argument("--seeds", type=int, default=4)
     a = ap.parse_args()
     main_(a.out, a.work, a.seeds)
