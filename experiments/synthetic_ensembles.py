@@ -2,7 +2,7 @@
 
 Runs the `saeens` CLI end to end (synthetic -> train -> evaluate -> stability) and writes
 experiments/results/synthetic_ensembles.{json,md}. Usage:
-    python experiments/synthetic_ensembles.py [--out experiments/results] [--work /tmp/saeens-synth]
+    python experiments/synthetic_ensembles.py [--out experiments/results] [--work experiments/work/synthetic]
 """
 
 from __future__ import annotations
