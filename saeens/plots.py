@@ -12,6 +12,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+
+def _save(fig, out: Path, title: str = "") -> Path:
+    """Title, layout, write the PNG and free the figure (pyplot keeps every open figure alive)."""
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
 def metric_bars(rows: list[dict[str, Any]], metrics: list[str], out: Path, title: str = "") -> Path:
     """One small bar chart per metric, one bar per row (method)."""
     names = [str(r["method"]) for r in rows]
@@ -21,11 +31,7 @@ def metric_bars(rows: list[dict[str, Any]], metrics: list[str], out: Path, title
         ax.bar(names, vals, color=[f"C{i}" for i in range(len(names))])
         ax.set_title(m, fontsize=9)
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, out, title)
 
 
 def training_curves(runs: dict[str, Path], out: Path, key: str = "mse") -> Path:
@@ -39,10 +45,7 @@ def training_curves(runs: dict[str, Path], out: Path, key: str = "mse") -> Path:
     ax.set_ylabel(f"training {key} (normalised units)")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def _mean_err(row: dict[str, Any], key: str) -> tuple[float, float]:
@@ -79,11 +82,7 @@ def grouped_bars(rows: list[dict[str, Any]], metrics: list[str], out: Path, grou
         ax.set_xticks(np.arange(len(groups)) + width * (len(bars) - 1) / 2, groups, fontsize=8)
         ax.set_title(m, fontsize=9)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, out, title)
 
 
 def curves_with_bands(series: dict[str, dict[str, dict[str, list[float]]]], metrics: list[str], out: Path,
@@ -125,11 +124,7 @@ def curves_with_bands(series: dict[str, dict[str, dict[str, list[float]]]], metr
     for j in range(n, rows_ * cols):
         axes[j // cols][j % cols].axis("off")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, out, title)
 
 
 def pareto(points: dict[str, list[dict[str, Any]]], pairs: list[tuple[str, str]], out: Path, title: str = "",
@@ -148,8 +143,4 @@ def pareto(points: dict[str, list[dict[str, Any]]], pairs: list[tuple[str, str]]
         ax.set_ylabel(yk, fontsize=8)
         ax.tick_params(labelsize=7)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, out, title)

@@ -18,16 +18,7 @@ from saeens.data import ActivationCache, byte_tokenizer, load_corpus
 from saeens.data.cache import CacheWriter
 from saeens.data.extract import cache_documents
 from saeens.errors import SaeensError
-
-D = 8
-_E_VD = np.random.default_rng(0).normal(size=(257, D)).astype(np.float32)
-
-
-def fake_acts_fn(tokens_BT):
-    tokens_BT = np.asarray(tokens_BT)
-    acts = _E_VD[tokens_BT].copy()
-    acts[..., 0] = np.arange(tokens_BT.shape[1])[None, :]
-    return acts
+from test_extract import fake_acts_fn  # the position-stamping embedding lookup those tests use
 
 
 class Killed(Exception):

@@ -19,16 +19,6 @@ from saeens.evals.probing import (
 HOOK = "blocks.0.hook_resid_post"
 
 
-@pytest.fixture(scope="module")
-def model(tiny_model):
-    return tiny_model
-
-
-@pytest.fixture(scope="module")
-def ens(tiny_bagging):
-    return tiny_bagging
-
-
 def test_top_k_matches_hand_computed_selection():
     codes = np.array([[1.0, 0.0, 5.0, 2.0],
                       [3.0, 0.0, 5.0, 2.0],
@@ -62,15 +52,15 @@ def test_tokenize_puts_bos_first_truncates_and_masks():
     assert tok.decode(tokens[0, 1:3]) == "ab"
 
 
-def test_pooling_skips_bos_and_padding_exactly(model, ens):
+def test_pooling_skips_bos_and_padding_exactly(tiny_model, tiny_bagging):
     rng = np.random.default_rng(3)
     tok = rng.integers(0, 257, (5, 16)).astype(np.int32)
     lengths = np.array([16, 4, 7, 2, 1])  # the last row is BOS only: pooled to zeros
     mask = np.arange(16)[None] < lengths[:, None]
-    out = pooled(model, ens, HOOK, tok, mask, batch_size=8)
-    acts = np.asarray(models.run_to_hook(model, tok, HOOK), np.float64)  # the model's own [N, T, D]
-    W_enc, b_enc = np.asarray(ens.params["W_enc"], np.float64), np.asarray(ens.params["b_enc"], np.float64)
-    b_dec = np.asarray(ens.params["b_dec"], np.float64)
+    out = pooled(tiny_model, tiny_bagging, HOOK, tok, mask, batch_size=8)
+    acts = np.asarray(models.run_to_hook(tiny_model, tok, HOOK), np.float64)  # the model's own [N, T, D]
+    W_enc, b_enc = np.asarray(tiny_bagging.params["W_enc"], np.float64), np.asarray(tiny_bagging.params["b_enc"], np.float64)
+    b_dec = np.asarray(tiny_bagging.params["b_dec"], np.float64)
     for n, L in enumerate(lengths):
         a = acts[n, 1:L]  # skip BOS and padding
         # relu members, weights 1/2: codes = [relu((a - b_dec_j) W_enc_j + b_enc_j) / 2 for j]
@@ -81,20 +71,20 @@ def test_pooling_skips_bos_and_padding_exactly(model, ens):
         np.testing.assert_allclose(out["codes"][n], ref_codes, atol=1e-5)
     # padding tokens never matter; neither does the batch size
     tok2 = np.where(mask, tok, 5)
-    np.testing.assert_allclose(pooled_codes(model, ens, HOOK, tok2, mask, batch_size=8), out["codes"], atol=1e-6)
+    np.testing.assert_allclose(pooled_codes(tiny_model, tiny_bagging, HOOK, tok2, mask, batch_size=8), out["codes"], atol=1e-6)
     with pytest.raises(SaeensError, match="d_in"):
-        pooled(model, ensemble.single(SAEConfig(d_in=6, width=4, arch="relu"),
+        pooled(tiny_model, ensemble.single(SAEConfig(d_in=6, width=4, arch="relu"),
                                       sae.init(jax.random.key(0), SAEConfig(d_in=6, width=4, arch="relu"))),
                HOOK, tok, mask)
 
 
-def test_run_probing_end_to_end_on_a_tiny_model(model, ens):
+def test_run_probing_end_to_end_on_a_tiny_model(tiny_model, tiny_bagging):
     docs = [Document(f"{w} number {i}", c, f"{c}{i}") for c, w in (("a", "apples"), ("b", "zebras"), ("c", "mmmm"))
             for i in range(12)]
     ds = LabelledDataset("tiny", ("a", "b", "c"), tuple(d for d in docs if int(d.doc_id[1:]) < 8),
                          tuple(d for d in docs if int(d.doc_id[1:]) >= 8))
     cfg = ProbingConfig(ks=(1, 2), context_length=16, batch_size=8, max_train_per_class=6)
-    res = run_probing(model, byte_tokenizer(), ens, HOOK, ds, cfg)
+    res = run_probing(tiny_model, byte_tokenizer(), tiny_bagging, HOOK, ds, cfg)
     assert [t.positive_class for t in res.tasks] == ["a", "b", "c"]  # one-vs-rest
     assert all(t.n_train == 12 and t.n_test == 8 for t in res.tasks)  # balanced: 6 vs 6 of the rest; 4 vs 4
     assert res.counts["train"] == {"a": 6, "b": 6, "c": 6}
@@ -103,7 +93,7 @@ def test_run_probing_end_to_end_on_a_tiny_model(model, ens):
     assert all(0 <= v <= 1 for k, v in d.items() if k.endswith("accuracy"))
     binary = LabelledDataset("bin", ("a", "b"), tuple(d for d in ds.train if d.label != "c"),
                              tuple(d for d in ds.test if d.label != "c"))
-    assert [t.positive_class for t in run_probing(model, byte_tokenizer(), ens, HOOK, binary, cfg).tasks] == ["b"]
+    assert [t.positive_class for t in run_probing(tiny_model, byte_tokenizer(), tiny_bagging, HOOK, binary, cfg).tasks] == ["b"]
 
 
 def _check_split(ds: LabelledDataset):

@@ -20,34 +20,24 @@ from saeens.evals.scr import (
 HOOK = "blocks.0.hook_resid_post"
 
 
-@pytest.fixture(scope="module")
-def model(tiny_model):
-    return tiny_model
-
-
-@pytest.fixture(scope="module")
-def ens(tiny_bagging):
-    return tiny_bagging
-
-
-def test_ablating_nothing_keeps_activations_exactly_and_error_term_is_kept(ens):
+def test_ablating_nothing_keeps_activations_exactly_and_error_term_is_kept(tiny_bagging):
     x = jax.random.normal(jax.random.key(2), (16, 8)) * 3
-    np.testing.assert_array_equal(np.asarray(ablate_latents(ens, x, jnp.zeros(ens.width))), np.asarray(x))
-    m = jnp.asarray(latent_mask(ens.width, [0, 3, 17]))
-    codes = ensemble.encode(ens, x)
-    expected = ensemble.decode(ens, codes * (1 - m)) + (x - ensemble.decode(ens, codes))  # decode(c') + error
-    np.testing.assert_allclose(np.asarray(ablate_latents(ens, x, m)), np.asarray(expected), atol=1e-5)
-    assert not np.allclose(np.asarray(ablate_latents(ens, x, m)), np.asarray(x))
+    np.testing.assert_array_equal(np.asarray(ablate_latents(tiny_bagging, x, jnp.zeros(tiny_bagging.width))), np.asarray(x))
+    m = jnp.asarray(latent_mask(tiny_bagging.width, [0, 3, 17]))
+    codes = ensemble.encode(tiny_bagging, x)
+    expected = ensemble.decode(tiny_bagging, codes * (1 - m)) + (x - ensemble.decode(tiny_bagging, codes))  # decode(c') + error
+    np.testing.assert_allclose(np.asarray(ablate_latents(tiny_bagging, x, m)), np.asarray(expected), atol=1e-5)
+    assert not np.allclose(np.asarray(ablate_latents(tiny_bagging, x, m)), np.asarray(x))
 
 
-def test_pooled_shortcut_equals_token_level_ablation_through_the_model(model, ens):
+def test_pooled_shortcut_equals_token_level_ablation_through_the_model(tiny_model, tiny_bagging):
     rng = np.random.default_rng(3)
     tok = rng.integers(0, 257, (5, 16)).astype(np.int32)  # the shapes of the end-to-end test: one compile
     mask = np.arange(16)[None] < np.array([16, 4, 7, 2, 9])[:, None]
-    p = pooled(model, ens, HOOK, tok, mask, batch_size=8)
-    W = np.asarray(ensemble.decoder(ens))
+    p = pooled(tiny_model, tiny_bagging, HOOK, tok, mask, batch_size=8)
+    W = np.asarray(ensemble.decoder(tiny_bagging))
     for S in ([], [1], [0, 5, 13, 22]):
-        tokenwise = ablated_pooled_acts(model, ens, HOOK, tok, mask, S, batch_size=4)
+        tokenwise = ablated_pooled_acts(tiny_model, tiny_bagging, HOOK, tok, mask, S, batch_size=4)
         np.testing.assert_allclose(tokenwise, ablate_pooled(p["acts"], p["codes"], W, S), atol=1e-5)
     np.testing.assert_array_equal(ablate_pooled(p["acts"], p["codes"], W, []), p["acts"])
 
@@ -105,10 +95,10 @@ def _tiny_spurious_dataset(n=12):
                            tuple(d for sp, d in docs if sp == "train"), tuple(d for sp, d in docs if sp == "test"))
 
 
-def test_run_scr_end_to_end_on_a_tiny_model(model, ens):
+def test_run_scr_end_to_end_on_a_tiny_model(tiny_model, tiny_bagging):
     ds = _tiny_spurious_dataset()
     cfg = SCRConfig(n_ablated=(1, 3, 100), n_train_per_group=6, n_test_per_group=4, batch_size=8, context_length=16)
-    res = run_scr(model, byte_tokenizer(), ens, HOOK, ds, cfg)
+    res = run_scr(tiny_model, byte_tokenizer(), tiny_bagging, HOOK, ds, cfg)
     assert res.group_counts["biased_train"] == {"A/x": 6, "A/y": 0, "B/x": 0, "B/y": 6}
     assert res.group_counts["balanced_train"] == {"A/x": 3, "A/y": 3, "B/x": 3, "B/y": 3}
     assert res.group_counts["test"] == {"A/x": 4, "A/y": 4, "B/x": 4, "B/y": 4}

@@ -13,11 +13,6 @@ from saeens.evals.spliced import spliced_losses
 HOOK = "blocks.1.hook_resid_post"
 
 
-@pytest.fixture(scope="module")
-def model(tiny_model):
-    return tiny_model
-
-
 TOKENS = np.random.default_rng(1).integers(0, 97, (5, 12)).astype(np.int32)
 
 
@@ -25,18 +20,18 @@ def _nll(logits, tokens):
     return float(jnp.mean(models.token_nll(logits, jnp.asarray(tokens))))
 
 
-def test_matches_direct_splice(model):
+def test_matches_direct_splice(tiny_model):
     cfg = SAEConfig(d_in=8, width=12, arch="topk", k=3)
     params = jax.vmap(lambda k: sae.init(k, cfg))(jax.random.split(jax.random.key(0), 3))
     for ens in (ensemble.bagging(cfg, params), ensemble.boosting(cfg, params)):
-        out = spliced_losses(model, ens, HOOK, TOKENS, batch_size=2)
+        out = spliced_losses(tiny_model, ens, HOOK, TOKENS, batch_size=2)
 
         def fn(x):  # BOS keeps its clean activation
             return x.at[:, 1:].set(ensemble.reconstruct(ens, x[:, 1:].reshape(-1, 8)).reshape(x.shape[0], -1, 8))
 
-        clean = models.logits(model, TOKENS)
-        spliced = models.run_with_splice(model, TOKENS, HOOK, fn)
-        zero = models.run_with_splice(model, TOKENS, HOOK, lambda x: x.at[:, 1:].set(0.0))
+        clean = models.logits(tiny_model, TOKENS)
+        spliced = models.run_with_splice(tiny_model, TOKENS, HOOK, fn)
+        zero = models.run_with_splice(tiny_model, TOKENS, HOOK, lambda x: x.at[:, 1:].set(0.0))
         np.testing.assert_allclose(out["ce_loss_clean"], _nll(clean, TOKENS), rtol=1e-5)
         np.testing.assert_allclose(out["ce_loss_spliced"], _nll(spliced, TOKENS), rtol=1e-5)
         np.testing.assert_allclose(out["ce_loss_zero_ablation"], _nll(zero, TOKENS), rtol=1e-5)
@@ -47,21 +42,21 @@ def test_matches_direct_splice(model):
         np.testing.assert_allclose(out["loss_recovered"], expected, rtol=1e-6)
 
 
-def test_exact_sae_recovers_all_loss(model):
+def test_exact_sae_recovers_all_loss(tiny_model):
     """relu(x) - relu(-x) = x: an SAE with features +-e_i reconstructs exactly."""
     cfg = SAEConfig(d_in=8, width=16, arch="relu")
     eye = jnp.eye(8)
     params = {"W_enc": jnp.concatenate([eye, -eye], 1), "b_enc": jnp.zeros(16), "W_dec": jnp.concatenate([eye, -eye], 0),
               "b_dec": jnp.zeros(8)}
-    out = spliced_losses(model, ensemble.single(cfg, params), HOOK, TOKENS)
+    out = spliced_losses(tiny_model, ensemble.single(cfg, params), HOOK, TOKENS)
     assert abs(out["delta_lm_loss"]) < 1e-5 and abs(out["kl_div"]) < 1e-5
     assert out["loss_recovered"] == pytest.approx(1.0, abs=1e-4)
 
 
-def test_bad_inputs(model):
+def test_bad_inputs(tiny_model):
     cfg = SAEConfig(d_in=6, width=12, arch="topk", k=3)
     ens = ensemble.single(cfg, sae.init(jax.random.key(0), cfg))
     with pytest.raises(SaeensError, match="d_in=6"):
-        spliced_losses(model, ens, HOOK, TOKENS)
+        spliced_losses(tiny_model, ens, HOOK, TOKENS)
     with pytest.raises(SaeensError):
-        spliced_losses(model, ens, "blocks.9.hook_resid_post", TOKENS)
+        spliced_losses(tiny_model, ens, "blocks.9.hook_resid_post", TOKENS)
