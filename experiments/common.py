@@ -98,11 +98,18 @@ class Scale:
         return self.train_tokens // self.batch_size
 
 
+# ReLU's L1 and JumpReLU's threshold set for an L0 near TopK's k = 32 within ~150 steps (probed on the
+# full cache: L1 2.0 / 3.0 gave L0 ~60 / ~26 at step 130; JumpReLU's threshold moves only ~lr per step
+# through its straight-through estimator, so its initial value sets the L0: 0.001 kept ~550 of 1152
+# latents, 1.0 (bandwidth 0.1) ~37, 2.0 ~9)
+OTHER_ARCHS = (("relu", (("l1_coeff", 2.5),)),
+               ("jumprelu", (("l0_coeff", 0.75), ("jumprelu_init_threshold", 1.0), ("jumprelu_bandwidth", 0.1))))
+
 SCALES = {
     "tiny": Scale(
         name="tiny", cache_tokens=4096, context_length=64, width=64, k=8, members=3, seeds=2,
         train_tokens=4096, batch_size=256, lr=1e-3, kernel="dense",
-        other_archs=(("relu", (("l1_coeff", 5.0),)), ("jumprelu", (("l0_coeff", 0.75),))), other_seeds=2,
+        other_archs=OTHER_ARCHS, other_seeds=2,
         other_train_tokens=2048, pareto_ks=(4, 8), pareto_members=2, spliced_contexts=4, sweep_spliced_contexts=2,
         connectivity_tokens=256, hungarian_max_features=256,
         probe_train_per_class=12, probe_test_per_class=6, probe_context=32,
@@ -111,9 +118,9 @@ SCALES = {
     ),
     "full": Scale(
         name="full", cache_tokens=300_000, context_length=128, width=1152, k=32, members=8, seeds=4,
-        train_tokens=150_000, batch_size=1024, lr=1e-3, kernel="sparse",
-        other_archs=(("relu", (("l1_coeff", 5.0),)), ("jumprelu", (("l0_coeff", 0.75),))), other_seeds=2,
-        other_train_tokens=100_000, pareto_ks=(8, 16, 32, 64), pareto_members=4, spliced_contexts=32, sweep_spliced_contexts=16,
+        train_tokens=300_000, batch_size=1024, lr=1e-3, kernel="sparse",
+        other_archs=OTHER_ARCHS, other_seeds=2,
+        other_train_tokens=150_000, pareto_ks=(8, 16, 32, 64), pareto_members=4, spliced_contexts=32, sweep_spliced_contexts=16,
         connectivity_tokens=4096, hungarian_max_features=2048,
         probe_train_per_class=200, probe_test_per_class=100, probe_context=128,
         scr_train_per_group=300, scr_test_per_group=150, scr_ns=(2, 5, 10, 20, 50, 100),
@@ -238,15 +245,13 @@ def get_model():
 
 
 def held_out_contexts(scale: Scale, n_contexts: int) -> np.ndarray:
-    """[n, context_length] token contexts of the cache's TEST documents (same split, same shuffle)."""
-    from saeens.data.corpora import split_documents
-    from saeens.data.tokens import pack_documents
+    """[n, context_length] token contexts of the cache's TEST documents (same split, shuffled)."""
+    from saeens.evals.spliced import SplicedConfig, held_out_contexts
 
-    _, test = split_documents(corpus_documents(), TEST_FRACTION, SPLIT_SEED)
-    rng = np.random.default_rng(SPLIT_SEED)
-    test = [test[i] for i in rng.permutation(len(test))]
     _, tokenizer = get_model()
-    return pack_documents(test, tokenizer, scale.context_length, max_contexts=n_contexts).tokens_NT
+    cfg = SplicedConfig(n_contexts=n_contexts, context_length=scale.context_length, test_fraction=TEST_FRACTION,
+                        seed=SPLIT_SEED)
+    return held_out_contexts(tokenizer, corpus_documents(), cfg)
 
 
 # ----------------------------------------------------------------------------- runs
@@ -390,83 +395,22 @@ def hungarian_of(decoders: list, scale: Scale) -> dict[str, Any]:
 
 
 class Spliced:
-    """Spliced LM loss on fixed held-out contexts. `full` is saeens.evals.spliced.spliced_losses
-    (clean, spliced, zero-ablation and KL recomputed per ensemble); `fast` computes the clean and
-    zero-ablation losses once and only the spliced pass per ensemble (no KL): for sweeps."""
+    """Spliced LM loss on fixed held-out contexts, for sweeps over many ensembles: the clean and
+    zero-ablation losses are computed once (saeens.evals.spliced.baseline_losses) and only the
+    spliced pass runs per ensemble (no KL)."""
 
     def __init__(self, scale: Scale, n_contexts: int):
         self.scale = scale
         self.contexts = held_out_contexts(scale, n_contexts)
         self._base: dict[str, float] | None = None
 
-    def full(self, ens) -> dict[str, float]:
-        from saeens.evals.spliced import spliced_losses
-
-        model, _ = get_model()
-        return spliced_losses(model, ens, hook(), self.contexts, batch_size=self.scale.batch_forward)
-
     def fast(self, ens) -> dict[str, float]:
-        from flax import nnx
+        from saeens.evals.spliced import baseline_losses, spliced_losses
 
         model, _ = get_model()
-        graphdef, state = nnx.split(model)
         if self._base is None:
-            tot = {"clean": 0.0, "zero": 0.0}
-            for tok in self._batches():
-                out = _clean_zero_nll(graphdef, state, tok, hook())
-                tot = {k: tot[k] + float(out[k]) for k in tot}
-            self._base = {k: v / self._n_pred() for k, v in tot.items()}
-        spliced = sum(float(_spliced_nll(graphdef, state, ens, tok, hook())) for tok in self._batches()) / self._n_pred()
-        clean, zero = self._base["clean"], self._base["zero"]
-        return {"ce_loss_clean": clean, "ce_loss_spliced": spliced, "ce_loss_zero_ablation": zero,
-                "delta_lm_loss": spliced - clean, "loss_recovered": (zero - spliced) / (zero - clean)}
-
-    def _batches(self):
-        import jax.numpy as jnp
-
-        b = self.scale.batch_forward
-        for lo in range(0, len(self.contexts), b):
-            yield jnp.asarray(self.contexts[lo : lo + b], jnp.int32)
-
-    def _n_pred(self) -> int:
-        return self.contexts.shape[0] * (self.contexts.shape[1] - 1)
-
-
-def _nll_sum(model, tokens_BT, hook_fn):
-    import jax.numpy as jnp
-
-    logp = jax.nn.log_softmax(model.forward(tokens_BT, hook_fn)[:, :-1].astype(jnp.float32), axis=-1)
-    return -jnp.sum(jnp.take_along_axis(logp, tokens_BT[:, 1:, None], axis=-1))
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _clean_zero_nll(graphdef, state, tokens_BT, hook_name):
-    from flax import nnx
-
-    model = nnx.merge(graphdef, state)
-
-    def zero(name, x):
-        return x.at[:, 1:].set(0.0) if name == hook_name else x  # BOS kept, as in saeens.evals.spliced
-
-    return {"clean": _nll_sum(model, tokens_BT, None), "zero": _nll_sum(model, tokens_BT, zero)}
-
-
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _spliced_nll(graphdef, state, ens, tokens_BT, hook_name):
-    from flax import nnx
-
-    from saeens import ensemble
-
-    model = nnx.merge(graphdef, state)
-
-    def splice(name, x):
-        if name != hook_name:
-            return x
-        B, T, D = x.shape
-        r = ensemble.reconstruct(ens, x[:, 1:].reshape(B * (T - 1), D).astype("float32")).reshape(B, T - 1, D)
-        return x.at[:, 1:].set(r.astype(x.dtype))
-
-    return _nll_sum(model, tokens_BT, splice)
+            self._base = baseline_losses(model, hook(), self.contexts, self.scale.batch_forward)
+        return spliced_losses(model, ens, hook(), self.contexts, self.scale.batch_forward, baseline=self._base)
 
 
 def fmt_ci(mean: float, low: float, high: float) -> str:

@@ -18,6 +18,7 @@ import numpy as np
 from experiments import common
 
 START, END = "<!-- FINDINGS:START (written by experiments/report.py) -->", "<!-- FINDINGS:END -->"
+SUMMARY_START, SUMMARY_END = "<!-- RESULTS:START (written by experiments/report.py) -->", "<!-- RESULTS:END -->"
 
 
 def load(scale: common.Scale, name: str) -> dict[str, Any] | None:
@@ -163,18 +164,65 @@ def findings(scale: common.Scale) -> str:
     return "\n".join(lines)
 
 
+def summary(scale: common.Scale) -> str:
+    """The top-level README's results: table 1's TopK rows, the plots, the downstream tables."""
+    from saeens.evaluate import format_table
+
+    res = f"experiments/{common.results_dir(scale).relative_to(common.ROOT).as_posix()}"
+    t1, cd, scr = load(scale, "intrinsic"), load(scale, "concept_detection"), load(scale, "spurious_removal")
+    if not t1:
+        return f"Not run yet: `python -m experiments.run_all --scale {scale.name}`."
+    sc = t1["setting"]["scale"]
+    rows = [{"method": r["method"], "features": r["n_features"], "EV": r["explained_variance"]["mean"],
+             "EV per token": r["explained_variance_per_token"]["mean"], "L0": r["l0"]["mean"],
+             "dead": r["dead_fraction"]["mean"],
+             "stability": common.fmt_ci(r["stability"], r["stability_ci_low"], r["stability_ci_high"]),
+             "delta LM loss": r["delta_lm_loss"]["mean"], "loss recovered": r["loss_recovered"]["mean"],
+             "train s": r["train_seconds"]["mean"], "TFLOP": r["train_flops"]["mean"] / 1e12}
+            for r in t1["rows"] if r["arch"] == "topk"]
+    out = [f"TopK k = {sc['k']}, J = {sc['members']}, m = {sc['width']} latents per member, {sc['train_tokens']:,} "
+           f"tokens per SAE / stage; mean over {sc['seeds']} independent runs, stability mean [95% CI] "
+           f"(`python -m experiments.intrinsic --scale {scale.name}`; ReLU and JumpReLU rows in "
+           f"[{res}/intrinsic.md]({res}/intrinsic.md)).", "", format_table(rows), "",
+           f"![table 1]({res}/intrinsic.png)", "",
+           f"Each metric against J (`python -m experiments.effect_of_j --scale {scale.name}`) and L0 against "
+           f"FVU and delta LM loss (`python -m experiments.pareto --scale {scale.name}`):", "",
+           f"![effect of J]({res}/effect_of_j.png)", "", f"![Pareto]({res}/pareto.png)", ""]
+    if cd:
+        methods = next(iter(cd["datasets"].values()))["methods"]
+        out += [f"Concept detection, test accuracy of sparse probes on the top-k latents, mean over "
+                f"{', '.join(cd['datasets'])} (`python -m experiments.concept_detection --scale {scale.name}`):", "",
+                format_table([{"method": m, **{f"top-{k}": float(np.mean([d["methods"][m][f"sae_top_{k}_test_accuracy"]
+                                                                          for d in cd["datasets"].values()]))
+                                                for k in (1, 2, 5)}} for m in methods]), ""]
+    if scr:
+        n = scr["config"]["n_ablated"]
+        out += [f"Spurious-correlation removal on {scr['dataset']}, SCR score after ablating N latents "
+                f"(`python -m experiments.spurious_removal --scale {scale.name}`):", "",
+                format_table([{"method": m, **{f"N={k}": a["score"] for k, a in zip(n, r["ablations"])}}
+                              for m, r in scr["methods"].items()]), ""]
+    out.append(f"What agrees with the paper and what does not: [experiments/README.md](experiments/README.md#findings-vs-the-paper).")
+    return "\n".join(out)
+
+
+def _replace_between(path, start: str, end: str, text: str) -> None:
+    from saeens.data.cache import atomic_write_text
+
+    s = path.read_text()
+    if start in s and end in s:
+        head, rest = s.split(start, 1)
+        _, tail = rest.split(end, 1)
+        atomic_write_text(path, head + start + "\n" + text + "\n" + end + tail)
+
+
 def main(scale: common.Scale, force: bool = False, progress: bool = True) -> str:
     from saeens.data.cache import atomic_write_text
 
     text = findings(scale)
     atomic_write_text(common.results_dir(scale) / "findings.md", "# Findings vs the paper\n\n" + text)
     if scale.name == "full":
-        readme = common.ROOT / "README.md"
-        s = readme.read_text()
-        if START in s and END in s:
-            head, rest = s.split(START, 1)
-            _, tail = rest.split(END, 1)
-            atomic_write_text(readme, head + START + "\n" + text + "\n" + END + tail)
+        _replace_between(common.ROOT / "README.md", START, END, text)
+        _replace_between(common.ROOT.parent / "README.md", SUMMARY_START, SUMMARY_END, summary(scale))
     print(text)
     return text
 

@@ -41,6 +41,7 @@ METHODS = (("single", 1), ("expanded", None), ("bagging", None), ("boosting", No
 
 def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), progress: bool = True) -> dict[str, Any]:
     from saeens.data.cache import ActivationCache, atomic_write_text
+    from saeens.data.corpora import load_corpus
     from saeens.data.extract import build_cache
     from saeens.evals.spliced import SplicedConfig, held_out_contexts, spliced_losses
     from saeens.evaluate import evaluate_ensemble, format_table
@@ -66,7 +67,7 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), progress: bool = T
     acts = ActivationCache(acts_dir)
     model, tokenizer = load_model(cfg.model)
     hook = hook_name(cfg.layer, "resid_post")
-    contexts = held_out_contexts(tokenizer, cfg.dataset, SplicedConfig(n_contexts=cfg.spliced_contexts,
+    contexts = held_out_contexts(tokenizer, load_corpus(cfg.dataset), SplicedConfig(n_contexts=cfg.spliced_contexts,
                                                                       context_length=cfg.context_length, seed=cfg.seed))
     rows, runs = [], {}
     for method, members in METHODS:

@@ -8,7 +8,7 @@ import pytest
 from saeens import ensemble, models, sae
 from saeens.config import SAEConfig
 from saeens.errors import SaeensError
-from saeens.evals.spliced import spliced_losses
+from saeens.evals.spliced import baseline_losses, spliced_losses
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -42,6 +42,20 @@ def test_matches_direct_splice(tiny_model):
         np.testing.assert_allclose(out["loss_recovered"], expected, rtol=1e-6)
 
 
+def test_baseline_path_equals_full(tiny_model):
+    """Clean and zero-ablation computed once and reused give the same losses as the full pass."""
+    cfg = SAEConfig(d_in=8, width=12, arch="topk", k=3)
+    ens = ensemble.single(cfg, sae.init(jax.random.key(2), cfg))
+    full = spliced_losses(tiny_model, ens, HOOK, TOKENS, batch_size=2)
+    base = baseline_losses(tiny_model, HOOK, TOKENS, batch_size=2)
+    fast = spliced_losses(tiny_model, ens, HOOK, TOKENS, batch_size=2, baseline=base)
+    assert set(full) - set(fast) == {"kl_div"}
+    for key, value in fast.items():
+        np.testing.assert_allclose(value, full[key], rtol=1e-5)
+    with pytest.raises(SaeensError, match="other contexts"):
+        spliced_losses(tiny_model, ens, HOOK, TOKENS[:2], baseline=base)
+
+
 def test_exact_sae_recovers_all_loss(tiny_model):
     """relu(x) - relu(-x) = x: an SAE with features +-e_i reconstructs exactly."""
     cfg = SAEConfig(d_in=8, width=16, arch="relu")
@@ -60,3 +74,22 @@ def test_bad_inputs(tiny_model):
         spliced_losses(tiny_model, ens, HOOK, TOKENS)
     with pytest.raises(SaeensError):
         spliced_losses(tiny_model, ens, "blocks.9.hook_resid_post", TOKENS)
+
+
+def test_held_out_contexts_are_test_documents_of_a_mixture():
+    """Only test-split documents, every corpus of a mixture represented, deterministic in the seed."""
+    from saeens.data.corpora import Document, split_documents
+    from saeens.data.tokens import byte_tokenizer
+    from saeens.evals.spliced import SplicedConfig, held_out_contexts
+
+    docs = [Document(f"{src}{i:03d}" * 4, None, f"{src}-{i}") for src in "ab" for i in range(200)]
+    cfg = SplicedConfig(n_contexts=6, context_length=40, test_fraction=0.2, seed=3)
+    tok = byte_tokenizer()
+    ctx = held_out_contexts(tok, docs, cfg)
+    assert ctx.shape == (6, 40)
+    np.testing.assert_array_equal(ctx, held_out_contexts(tok, docs, cfg))
+    train, test = split_documents(docs, cfg.test_fraction, cfg.seed)
+    rows = [tok.decode([int(t) for t in row if t != 0]) for row in ctx]
+    whole = [d for d in docs if any(d.text in r for r in rows)]  # documents that fit whole in a row
+    assert whole and all(d in test for d in whole) and not any(d.text in r for d in train for r in rows)
+    assert {"a", "b"} <= set("".join(rows))  # the corpus listed second is sampled too

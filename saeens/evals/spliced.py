@@ -40,78 +40,128 @@ def _keep_bos(fn):
     return replace
 
 
-@partial(jax.jit, static_argnums=(0, 4))
-def _batch_losses(graphdef, state, ens: Ensemble, tokens_BT: jax.Array, hook: str) -> dict[str, jax.Array]:
-    """Summed NLLs (clean, spliced, zero-ablated) and summed KL over the batch's predicted tokens."""
-    model = nnx.merge(graphdef, state)
+def _log_probs(model, tokens_BT: jax.Array, hook: str, fn) -> jax.Array:
+    """Next-token log-probs [B, T-1, V] with the hook activation replaced by fn(x) (None: clean)."""
 
-    def run(fn):
-        def hook_fn(name, x_BTD):
-            return fn(x_BTD) if name == hook else x_BTD
+    def hook_fn(name, x_BTD):
+        return fn(x_BTD) if fn is not None and name == hook else x_BTD
 
-        return jax.nn.log_softmax(model.forward(tokens_BT, hook_fn)[:, :-1].astype(jnp.float32), axis=-1)
+    return jax.nn.log_softmax(model.forward(tokens_BT, hook_fn)[:, :-1].astype(jnp.float32), axis=-1)
 
+
+def _nll(logp: jax.Array, tokens_BT: jax.Array) -> jax.Array:
+    return -jnp.sum(jnp.take_along_axis(logp, tokens_BT[:, 1:, None], axis=-1))
+
+
+def _splice(ens: Ensemble):
     def reconstruct(x_BTD):
         B, T, D = x_BTD.shape
         return ensemble.reconstruct(ens, x_BTD.reshape(B * T, D).astype(jnp.float32)).reshape(B, T, D)
 
-    logp_clean = run(lambda x: x)
-    logp_spliced = run(_keep_bos(reconstruct))
-    logp_zero = run(_keep_bos(jnp.zeros_like))
-    target = tokens_BT[:, 1:, None]
+    return _keep_bos(reconstruct)
 
-    def nll(logp):
-        return -jnp.sum(jnp.take_along_axis(logp, target, axis=-1))
 
+@partial(jax.jit, static_argnums=(0, 4))
+def _batch_losses(graphdef, state, ens: Ensemble, tokens_BT: jax.Array, hook: str) -> dict[str, jax.Array]:
+    """Summed NLLs (clean, spliced, zero-ablated) and summed KL over the batch's predicted tokens."""
+    model = nnx.merge(graphdef, state)
+    logp_clean = _log_probs(model, tokens_BT, hook, None)
+    logp_spliced = _log_probs(model, tokens_BT, hook, _splice(ens))
+    logp_zero = _log_probs(model, tokens_BT, hook, _keep_bos(jnp.zeros_like))
     kl = jnp.sum(jnp.exp(logp_clean) * (logp_clean - logp_spliced))
-    return {"clean": nll(logp_clean), "spliced": nll(logp_spliced), "zero": nll(logp_zero), "kl": kl}
+    return {"clean": _nll(logp_clean, tokens_BT), "spliced": _nll(logp_spliced, tokens_BT),
+            "zero": _nll(logp_zero, tokens_BT), "kl": kl}
 
 
-def spliced_losses(model, ens: Ensemble, hook: str, contexts_NT: np.ndarray, batch_size: int = 8,
-                   progress: bool = False) -> dict[str, float]:
-    """CE clean / spliced / zero-ablation, delta_lm_loss, loss_recovered and kl_div (nats per token)."""
-    from tqdm.auto import tqdm
+@partial(jax.jit, static_argnums=(0, 3))
+def _batch_baseline(graphdef, state, tokens_BT: jax.Array, hook: str) -> dict[str, jax.Array]:
+    model = nnx.merge(graphdef, state)
+    return {"clean": _nll(_log_probs(model, tokens_BT, hook, None), tokens_BT),
+            "zero": _nll(_log_probs(model, tokens_BT, hook, _keep_bos(jnp.zeros_like)), tokens_BT)}
 
+
+@partial(jax.jit, static_argnums=(0, 4))
+def _batch_spliced(graphdef, state, ens: Ensemble, tokens_BT: jax.Array, hook: str) -> dict[str, jax.Array]:
+    model = nnx.merge(graphdef, state)
+    return {"spliced": _nll(_log_probs(model, tokens_BT, hook, _splice(ens)), tokens_BT)}
+
+
+def _check(model, hook: str, contexts_NT: np.ndarray, d_in: int | None = None) -> None:
     from saeens.models import parse_hook
 
     parse_hook(hook, model.cfg.n_layers, model.cfg.parallel_residual)
-    if ens.cfg.d_in != model.cfg.d_model:
-        raise SaeensError(f"the run has d_in={ens.cfg.d_in} but the model's width is {model.cfg.d_model}: use the model the cache came from")
+    if d_in is not None and d_in != model.cfg.d_model:
+        raise SaeensError(f"the run has d_in={d_in} but the model's width is {model.cfg.d_model}: use the model the cache came from")
     if len(contexts_NT) == 0:
         raise SaeensError("no test contexts to measure the spliced loss on: use a larger dataset or shorter contexts")
-    graphdef, state = nnx.split(model)
-    totals = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0}
+
+
+def _per_token(batch_fn, contexts_NT: np.ndarray, batch_size: int, progress: bool) -> dict[str, float]:
+    """batch_fn(tokens_BT) -> summed quantities; their sums over all batches / predicted tokens."""
+    from tqdm.auto import tqdm
+
+    totals: dict[str, float] = {}
     n_pred = 0
     for lo in tqdm(range(0, len(contexts_NT), batch_size), disable=not progress, desc="spliced loss", unit="batch"):
         tok = np.asarray(contexts_NT[lo : lo + batch_size], np.int32)
-        out = jax.device_get(_batch_losses(graphdef, state, ens, jnp.asarray(tok), hook))
-        for k in totals:
-            totals[k] += float(out[k])
+        for k, v in jax.device_get(batch_fn(jnp.asarray(tok))).items():
+            totals[k] = totals.get(k, 0.0) + float(v)
         n_pred += tok.shape[0] * (tok.shape[1] - 1)
-    ce = {k: v / n_pred for k, v in totals.items()}
+    return {k: v / n_pred for k, v in totals.items()} | {"n_pred": n_pred}
+
+
+def baseline_losses(model, hook: str, contexts_NT: np.ndarray, batch_size: int = 8,
+                    progress: bool = False) -> dict[str, float]:
+    """The clean and zero-ablation CE of the contexts (nats per token): they do not depend on the
+    ensemble, so a sweep over many ensembles computes them once and passes them to spliced_losses."""
+    _check(model, hook, contexts_NT)
+    graphdef, state = nnx.split(model)
+    ce = _per_token(lambda tok: _batch_baseline(graphdef, state, tok, hook), contexts_NT, batch_size, progress)
+    return {"ce_loss_clean": ce["clean"], "ce_loss_zero_ablation": ce["zero"], "spliced_tokens": ce["n_pred"]}
+
+
+def spliced_losses(model, ens: Ensemble, hook: str, contexts_NT: np.ndarray, batch_size: int = 8,
+                   progress: bool = False, baseline: dict[str, float] | None = None) -> dict[str, float]:
+    """CE clean / spliced / zero-ablation, delta_lm_loss, loss_recovered and kl_div (nats per token).
+
+    With `baseline` (baseline_losses of the same contexts) only the spliced pass runs, a third of
+    the model forwards, and kl_div is left out (it needs the clean distributions)."""
+    _check(model, hook, contexts_NT, ens.cfg.d_in)
+    graphdef, state = nnx.split(model)
+    if baseline is None:
+        ce = _per_token(lambda tok: _batch_losses(graphdef, state, ens, tok, hook), contexts_NT, batch_size, progress)
+        clean, zero, extra = ce["clean"], ce["zero"], {"kl_div": ce["kl"]}
+    else:
+        ce = _per_token(lambda tok: _batch_spliced(graphdef, state, ens, tok, hook), contexts_NT, batch_size, progress)
+        if ce["n_pred"] != baseline["spliced_tokens"]:
+            raise SaeensError("the baseline losses were computed on other contexts: pass baseline_losses of these contexts")
+        clean, zero, extra = baseline["ce_loss_clean"], baseline["ce_loss_zero_ablation"], {}
     return {
-        "ce_loss_clean": ce["clean"],
+        "ce_loss_clean": clean,
         "ce_loss_spliced": ce["spliced"],
-        "ce_loss_zero_ablation": ce["zero"],
-        "delta_lm_loss": ce["spliced"] - ce["clean"],
-        "loss_recovered": (ce["zero"] - ce["spliced"]) / (ce["zero"] - ce["clean"]),
-        "kl_div": ce["kl"],
-        "spliced_tokens": n_pred,
+        "ce_loss_zero_ablation": zero,
+        "delta_lm_loss": ce["spliced"] - clean,
+        "loss_recovered": (zero - ce["spliced"]) / (zero - clean),
+        **extra,
+        "spliced_tokens": ce["n_pred"],
     }
 
 
-def held_out_contexts(tokenizer, dataset: str, cfg: SplicedConfig) -> np.ndarray:
-    """Held-out contexts: the same document split (seed, test fraction) `saeens cache` uses."""
-    from saeens.data.corpora import load_corpus, split_documents
+def held_out_contexts(tokenizer, documents: list, cfg: SplicedConfig) -> np.ndarray:
+    """Held-out contexts: the test documents of the document split (seed, test fraction) that
+    `saeens cache` uses, in an order shuffled by the seed, so a mixture of corpora is sampled evenly."""
+    from saeens.data.corpora import split_documents
     from saeens.data.tokens import pack_documents
 
-    _, test = split_documents(load_corpus(dataset), cfg.test_fraction, cfg.seed)
-    return pack_documents(test, tokenizer, cfg.context_length, max_contexts=cfg.n_contexts).tokens_NT
+    _, test = split_documents(documents, cfg.test_fraction, cfg.seed)
+    order = np.random.default_rng(cfg.seed).permutation(len(test))
+    return pack_documents([test[i] for i in order], tokenizer, cfg.context_length, max_contexts=cfg.n_contexts).tokens_NT
 
 
 def spliced_metrics(run: str | Path, model_name: str, layer: int | None, dataset: str,
                     cfg: SplicedConfig = SplicedConfig(), progress: bool = True) -> dict[str, Any]:
     """`saeens evaluate --model`: the run's hook (or blocks.<layer>.hook_resid_post) on `dataset`."""
+    from saeens.data.corpora import load_corpus
     from saeens.models import hook_name, load_model
     from saeens.train import load_ensemble
 
@@ -124,5 +174,5 @@ def spliced_metrics(run: str | Path, model_name: str, layer: int | None, dataset
     if hook is None:
         raise SaeensError(f"the run in {run} does not record its hook: pass --layer L")
     model, tokenizer = load_model(model_name)
-    contexts = held_out_contexts(tokenizer, dataset, cfg)
+    contexts = held_out_contexts(tokenizer, load_corpus(dataset), cfg)
     return {"hook": hook, **spliced_losses(model, ens, hook, contexts, cfg.batch_size, progress)}
