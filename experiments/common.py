@@ -98,10 +98,10 @@ class Scale:
         return self.train_tokens // self.batch_size
 
 
-# ReLU's L1 and JumpReLU's threshold set for an L0 near TopK's k = 32 within ~150 steps (probed on the
-# full cache: L1 2.0 / 3.0 gave L0 ~60 / ~26 at step 130; JumpReLU's threshold moves only ~lr per step
-# through its straight-through estimator, so its initial value sets the L0: 0.001 kept ~550 of 1152
-# latents, 1.0 (bandwidth 0.1) ~37, 2.0 ~9)
+# ReLU's L1 and JumpReLU's initial threshold chosen for an L0 near TopK's k = 32 after ~150 steps by
+# `python -m experiments.sparsity_probe` (results/sparsity_probe.md). saeens' defaults are made for long
+# runs: JumpReLU's log-threshold moves only ~lr per step through its straight-through estimator, so
+# in a few hundred steps its initial value sets the L0.
 OTHER_ARCHS = (("relu", (("l1_coeff", 2.5),)),
                ("jumprelu", (("l0_coeff", 0.75), ("jumprelu_init_threshold", 1.0), ("jumprelu_bandwidth", 0.1))))
 

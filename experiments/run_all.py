@@ -1,4 +1,4 @@
-"""Every experiment in order, resumably: cache -> table 1 -> J sweep -> Pareto -> probing -> SCR -> report.
+"""Every experiment in order, resumably: cache -> sparsity probe -> table 1 -> J sweep -> Pareto -> probing -> SCR -> report.
 
     python -m experiments.run_all --scale full        # the study (see README for the budget)
     python -m experiments.run_all --scale tiny        # the code path in a few minutes
@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 import time
 
-from experiments import common, concept_detection, effect_of_j, intrinsic, pareto, report, spurious_removal
+from experiments import (common, concept_detection, effect_of_j, intrinsic, pareto, report, sparsity_probe,
+                         spurious_removal)
 
-STEPS = (("intrinsic", intrinsic.main), ("effect_of_j", effect_of_j.main), ("pareto", pareto.main),
-         ("concept_detection", concept_detection.main), ("spurious_removal", spurious_removal.main),
-         ("report", report.main))
+STEPS = (("sparsity_probe", sparsity_probe.main), ("intrinsic", intrinsic.main), ("effect_of_j", effect_of_j.main),
+         ("pareto", pareto.main), ("concept_detection", concept_detection.main),
+         ("spurious_removal", spurious_removal.main), ("report", report.main))
 
 
 def estimate(scale: common.Scale, d_in: int = 576) -> dict[str, float]:
@@ -31,7 +32,8 @@ def estimate(scale: common.Scale, d_in: int = 576) -> dict[str, float]:
               for s in range(scale.other_seeds))
     pa = sum(fl("topk", m, scale.pareto_members, 0, k) for k in scale.pareto_ks for m in common.METHODS
              if not (k == scale.k and m != "expanded"))
-    return {"intrinsic": t1 / 1e12, "effect_of_j": 0.0, "pareto": pa / 1e12, "concept_detection": 0.0,
+    probe = len(sparsity_probe.GRID) * fl("relu", "single", 1, 0)
+    return {"sparsity_probe": probe / 1e12, "intrinsic": t1 / 1e12, "effect_of_j": 0.0, "pareto": pa / 1e12, "concept_detection": 0.0,
             "spurious_removal": 0.0}
 
 
