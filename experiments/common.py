@@ -322,8 +322,13 @@ def ensure_run(scale: Scale, name: str, run: RunConfig, acts, progress: bool = T
             _add_seconds(seconds_path, time.perf_counter() - t0)
         ens, _ = load_ensemble(rd)  # the saved (float32, activation-unit) ensemble: same as a later load
     seconds = json.loads(seconds_path.read_text())["seconds"] if seconds_path.is_file() else float("nan")
-    return ens, {"run_dir": str(rd), "train_seconds": seconds, "train_flops": train_flops(run),
+    return ens, {"run_dir": rd.relative_to(ROOT.parent).as_posix(), "train_seconds": seconds, "train_flops": train_flops(run),
                  "train_steps": run.train.n_steps * (run.ensemble.members if run.ensemble.method == "boosting" else 1)}
+
+
+def run_path(info: dict[str, Any]) -> Path:
+    """The run directory of ensure_run's info (kept relative to the repository in the results)."""
+    return ROOT.parent / info["run_dir"]
 
 
 def prefix(ens, j: int):

@@ -32,7 +32,7 @@ PLOTTED = ("explained_variance", "mse", "l0", "relative_reconstruction_bias", "d
            "connectivity", "stability", "delta_lm_loss", "loss_recovered")
 
 
-def prefix_metrics(scale, acts, spliced: common.Spliced, ens, run_dir: str) -> list[dict[str, Any]]:
+def prefix_metrics(scale, acts, spliced: common.Spliced, ens, run_dir: Path) -> list[dict[str, Any]]:
     """Metrics of the prefixes j = 1..J of one ensemble (cached per run directory)."""
     J = ens.n_members
     js = list(range(1, J + 1))
@@ -51,7 +51,7 @@ def prefix_metrics(scale, acts, spliced: common.Spliced, ens, run_dir: str) -> l
             out.append({"J": j, **r})
         return {"prefixes": out}
 
-    path = Path(run_dir) / f"eval-{NAME}-{spliced.contexts.shape[0]}ctx.json"
+    path = run_dir / f"eval-{NAME}-{spliced.contexts.shape[0]}ctx.json"
     return common.cached_json(path, compute)["prefixes"]
 
 
@@ -68,7 +68,7 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
         for seed in range(scale.seeds):
             ens, info = table_run(scale, acts, "topk", method, seed, progress)
             ensembles.append(ens)
-            rows.append(prefix_metrics(scale, acts, spliced, ens, info["run_dir"]))
+            rows.append(prefix_metrics(scale, acts, spliced, ens, common.run_path(info)))
         curves[method] = {}
         for m in METRICS:
             c = {"x": list(range(1, J + 1)), "mean": [], "ci_low": [], "ci_high": []}

@@ -39,7 +39,7 @@ def evaluate_run(scale, acts, spliced: common.Spliced, ens, info: dict[str, Any]
     def compute():
         return {**common.intrinsic_metrics(ens, acts, scale), **spliced.fast(ens)}
 
-    path = common.Path(info["run_dir"]) / f"eval-{NAME}-{spliced.contexts.shape[0]}ctx.json"
+    path = common.run_path(info) / f"eval-{NAME}-{spliced.contexts.shape[0]}ctx.json"
     return {**common.cached_json(path, compute), **info}
 
 

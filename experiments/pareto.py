@@ -11,7 +11,6 @@ points are trained here. Writes results/pareto.{json,md,png}.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from experiments import common
@@ -48,7 +47,7 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
                 return {**common.intrinsic_metrics(ens, acts, scale), **spliced.fast(ens)}
 
             tag = f"J{ens.n_members}-{spliced.contexts.shape[0]}ctx"
-            r = common.cached_json(Path(info["run_dir"]) / f"eval-{NAME}-{tag}.json", compute)
+            r = common.cached_json(common.run_path(info) / f"eval-{NAME}-{tag}.json", compute)
             J = 1 if method == "single" else scale.pareto_members  # the expanded SAE: J*m latents in one SAE
             points[method].append({"k": k, "J": J, **r, **info})
     result = {"scale": scale.name, "hook": common.hook(), "members": scale.pareto_members, "width": scale.width,
