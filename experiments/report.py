@@ -201,7 +201,7 @@ def summary(scale: common.Scale) -> str:
                 f"(`python -m experiments.spurious_removal --scale {scale.name}`):", "",
                 format_table([{"method": m, **{f"N={k}": a["score"] for k, a in zip(n, r["ablations"])}}
                               for m, r in scr["methods"].items()]), ""]
-    out.append(f"What agrees with the paper and what does not: [experiments/README.md](experiments/README.md#findings-vs-the-paper).")
+    out.append("What agrees with the paper and what does not: [experiments/README.md](experiments/README.md#findings-vs-the-paper).")
     return "\n".join(out)
 
 
