@@ -115,20 +115,22 @@ def _interp_log(x: float, xs: list[float], ys: list[float]) -> float:
 def pareto_findings(pa: dict) -> list[str]:
     out = []
     pts = pa["points"]
-    for ref in ("single", "expanded"):
-        for method in ("bagging", "boosting"):
-            better, worse, outside = 0, 0, 0
-            for p in pts[method]:
-                y = _interp_log(p["l0"], [q["l0"] for q in pts[ref]], [q["fvu"] for q in pts[ref]])
-                if math.isnan(y):
-                    outside += 1
-                elif p["fvu"] < y:
-                    better += 1
-                else:
-                    worse += 1
-            out.append(f"- **Pareto, {method} vs {ref}** (reviewers: no sparsity-fidelity plot). At equal L0 "
-                       f"(the {ref} front interpolated in log L0), {method} has lower FVU at {better} of its "
-                       f"{len(pts[method])} points, higher at {worse}; {outside} lie outside the {ref} front's L0 range.")
+    for metric in ("fvu", "delta_lm_loss"):
+        for ref in ("single", "expanded"):
+            for method in ("bagging", "boosting"):
+                better, worse, outside = 0, 0, 0
+                for p in pts[method]:
+                    y = _interp_log(p["l0"], [q["l0"] for q in pts[ref]], [q[metric] for q in pts[ref]])
+                    if math.isnan(y):
+                        outside += 1
+                    elif p[metric] < y:
+                        better += 1
+                    else:
+                        worse += 1
+                out.append(f"- **Pareto ({metric}), {method} vs {ref}** (reviewers: no sparsity-fidelity plot). At equal "
+                           f"L0 (the {ref} front interpolated in log L0), {method} has lower {metric} at {better} of "
+                           f"its {len(pts[method])} points, higher at {worse}; {outside} lie outside the {ref} front's "
+                           "L0 range.")
     return out
 
 
