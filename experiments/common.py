@@ -342,14 +342,21 @@ def prefix(ens, j: int):
 # ----------------------------------------------------------------------------- metrics
 
 
-def intrinsic_metrics(ens, acts, scale: Scale) -> dict[str, float]:
-    """evaluate_ensemble's metrics over all test tokens, with connectivity on the first
-    `connectivity_tokens` test tokens (the F x F co-firing product costs 2*n*F^2 FLOPs)."""
+def test_metrics(ens, acts) -> dict[str, float]:
+    """saeens.metrics.evaluate_stream over all test tokens and the decoder's diversity (no co-firing
+    matrix: connectivity comes from prefix_connectivity on a sample)."""
     from saeens import ensemble, metrics
 
     out = metrics.evaluate_stream(lambda x: ensemble.forward(ens, x), acts.chunks("test"), ens.width, cofire=False)
     out["diversity"] = int(metrics.diversity(ensemble.decoder(ens)))
     out["diversity_fraction"] = out["diversity"] / ens.width
+    return out
+
+
+def intrinsic_metrics(ens, acts, scale: Scale) -> dict[str, float]:
+    """evaluate_ensemble's metrics over all test tokens, with connectivity on the first
+    `connectivity_tokens` test tokens (the F x F co-firing product costs 2*n*F^2 FLOPs)."""
+    out = test_metrics(ens, acts)
     out["n_features"] = ens.width
     out["connectivity"] = prefix_connectivity(ens, acts, scale, [ens.n_members])[0]
     out["connectivity_tokens"] = min(scale.connectivity_tokens, acts.n_rows("test"))

@@ -103,6 +103,15 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
     return result
 
 
+def methods_of(result: dict[str, Any]) -> list[str]:
+    return list(next(iter(result["datasets"].values()))["methods"])
+
+
+def mean_over_datasets(result: dict[str, Any], method: str, key: str) -> float:
+    """A method's accuracy `key` (e.g. sae_top_1_test_accuracy) averaged over the datasets."""
+    return float(np.mean([d["methods"][method][key] for d in result["datasets"].values()]))
+
+
 def markdown(result: dict[str, Any]) -> str:
     from saeens.evaluate import format_table
 
@@ -111,11 +120,10 @@ def markdown(result: dict[str, Any]) -> str:
         for method, r in d["methods"].items():
             rows.append({"dataset": name, "method": method, **{f"top_{k}": r[f"sae_top_{k}_test_accuracy"] for k in KS},
                          "llm_all_dims": r["llm_test_accuracy"]})
-    for method in next(iter(result["datasets"].values()))["methods"]:
-        rows.append({"dataset": "MEAN", "method": method, **{
-            f"top_{k}": float(np.mean([d["methods"][method][f"sae_top_{k}_test_accuracy"]
-                                       for d in result["datasets"].values()])) for k in KS},
-            "llm_all_dims": float(np.mean([d["methods"][method]["llm_test_accuracy"] for d in result["datasets"].values()]))})
+    for method in methods_of(result):
+        rows.append({"dataset": "MEAN", "method": method,
+                     **{f"top_{k}": mean_over_datasets(result, method, f"sae_top_{k}_test_accuracy") for k in KS},
+                     "llm_all_dims": mean_over_datasets(result, method, "llm_test_accuracy")})
     c = result["config"]
     return "\n".join([
         f"# Table 4: concept detection (sparse probing), TopK k = {result['k']}, J = {result['members']}", "",

@@ -42,10 +42,7 @@ def prefix_metrics(scale, acts, spliced: common.Spliced, ens, run_dir: Path) -> 
         out = []
         for j, c in zip(js, conn):
             sub = common.prefix(ens, j)
-            r = metrics.evaluate_stream(lambda x, s=sub: ensemble.forward(s, x), acts.chunks("test"), sub.width,
-                                        cofire=False)
-            r["diversity"] = int(metrics.diversity(ensemble.decoder(sub)))
-            r["diversity_fraction"] = r["diversity"] / sub.width
+            r = common.test_metrics(sub, acts)
             r["connectivity"] = c
             r.update(spliced.fast(sub))
             out.append({"J": j, **r})

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments import common
+from experiments import common, concept_detection
 
 START, END = "<!-- FINDINGS:START (written by experiments/report.py) -->", "<!-- FINDINGS:END -->"
 SUMMARY_START, SUMMARY_END = "<!-- RESULTS:START (written by experiments/report.py) -->", "<!-- RESULTS:END -->"
@@ -137,8 +137,8 @@ def pareto_findings(pa: dict) -> list[str]:
 def downstream_findings(cd: dict | None, scr: dict | None) -> list[str]:
     out = []
     if cd:
-        means = {m: {k: np.mean([d["methods"][m][f"sae_top_{k}_test_accuracy"] for d in cd["datasets"].values()])
-                     for k in (1, 5)} for m in next(iter(cd["datasets"].values()))["methods"]}
+        means = {m: {k: concept_detection.mean_over_datasets(cd, m, f"sae_top_{k}_test_accuracy") for k in (1, 5)}
+                 for m in concept_detection.methods_of(cd)}
         best1 = max(means, key=lambda m: means[m][1])
         out.append("- **Concept detection** (paper: evaluated on sentiment, code language, news topic, natural "
                    "language; here bbc-topic, tweet-sentiment, shakespeare-genre, text-source). Mean top-1 / top-5 "
@@ -191,12 +191,11 @@ def summary(scale: common.Scale) -> str:
            f"FVU and delta LM loss (`python -m experiments.pareto --scale {scale.name}`):", "",
            f"![effect of J]({res}/effect_of_j.png)", "", f"![Pareto]({res}/pareto.png)", ""]
     if cd:
-        methods = next(iter(cd["datasets"].values()))["methods"]
         out += [f"Concept detection, test accuracy of sparse probes on the top-k latents, mean over "
                 f"{', '.join(cd['datasets'])} (`python -m experiments.concept_detection --scale {scale.name}`):", "",
-                format_table([{"method": m, **{f"top-{k}": float(np.mean([d["methods"][m][f"sae_top_{k}_test_accuracy"]
-                                                                          for d in cd["datasets"].values()]))
-                                                for k in (1, 2, 5)}} for m in methods]), ""]
+                format_table([{"method": m, **{f"top-{k}": concept_detection.mean_over_datasets(
+                    cd, m, f"sae_top_{k}_test_accuracy") for k in concept_detection.KS}}
+                    for m in concept_detection.methods_of(cd)]), ""]
     if scr:
         n = scr["config"]["n_ablated"]
         out += [f"Spurious-correlation removal on {scr['dataset']}, SCR score after ablating N latents "

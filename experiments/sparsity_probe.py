@@ -30,7 +30,6 @@ GRID = (
 
 
 def probe(scale: common.Scale, acts, arch: str, overrides: tuple, progress: bool) -> dict[str, Any]:
-    from saeens import ensemble, metrics
     from saeens.train import fit, load_ensemble
 
     run = common.run_config(scale, acts.d_in, arch, "single", 1, 0)
@@ -42,7 +41,7 @@ def probe(scale: common.Scale, acts, arch: str, overrides: tuple, progress: bool
         fit(rd, run, acts, progress=progress)
     ens, _ = load_ensemble(rd)
     logged = [json.loads(line) for line in (rd / "metrics.jsonl").read_text().splitlines()]
-    test = metrics.evaluate_stream(lambda x: ensemble.forward(ens, x), acts.chunks("test"), ens.width, cofire=False)
+    test = common.test_metrics(ens, acts)
     return {"arch": arch, "setting": ", ".join(f"{k}={v}" for k, v in overrides),
             "l0_train_last": logged[-1]["l0"], "step_last": logged[-1]["step"], "l0_test": test["l0"],
             "explained_variance": test["explained_variance"], "in_table_1": (arch, overrides) in common.OTHER_ARCHS}
