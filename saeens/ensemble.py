@@ -67,15 +67,40 @@ def decoder_bias(ens: Ensemble) -> jax.Array:
     return ens.weights @ ens.params["b_dec"]
 
 
-def stage_outputs(ens: Ensemble, x_BD: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Boosting chain as a lax.scan over stages: (unweighted codes [J,B,M], final residual [B,D])."""
+def stage_scan(
+    params_J: Params, cfg: SAEConfig, x_BD: jax.Array, active_J: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """The boosting chain as ONE lax.scan: stage l encodes the residual the stages before it leave.
 
-    def body(r_BD, p):
-        x_hat_BD, codes_BM = sae.forward(p, ens.cfg, r_BD)
+    Returns (unweighted codes [J, B, M], final residual [B, D]). active_J (bool [J]) switches
+    stages off: an inactive stage passes the residual on and emits zero codes (lax.cond, so it
+    costs nothing); training uses it to get the residual of the frozen stages before stage j.
+    """
+
+    def forward(p, r_BD):
+        x_hat_BD, codes_BM = sae.forward(p, cfg, r_BD)
         return r_BD - x_hat_BD, codes_BM
 
-    r_BD, codes_JBM = jax.lax.scan(body, x_BD, ens.params)
+    def skip(p, r_BD):
+        return r_BD, jnp.zeros((r_BD.shape[0], cfg.width), r_BD.dtype)
+
+    def body(r_BD, inputs):
+        p, active = inputs
+        return forward(p, r_BD) if active is None else jax.lax.cond(active, forward, skip, p, r_BD)
+
+    r_BD, codes_JBM = jax.lax.scan(body, x_BD, (params_J, active_J))
     return codes_JBM, r_BD
+
+
+def stage_outputs(ens: Ensemble, x_BD: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A sequential ensemble's chain over all its stages: (unweighted codes [J,B,M], final residual)."""
+    return stage_scan(ens.params, ens.cfg, x_BD)
+
+
+def prefix(ens: Ensemble, j: int) -> Ensemble:
+    """The sub-ensemble of the first j members (bagging: weights 1/j; boosting: the first j stages)."""
+    sub_J = jax.tree.map(lambda a: a[:j], ens.params)
+    return boosting(ens.cfg, sub_J) if ens.sequential else bagging(ens.cfg, sub_J)
 
 
 def encode(ens: Ensemble, x_BD: jax.Array) -> jax.Array:

@@ -156,7 +156,7 @@ def loss(
     min_kept). cfg.kernel == "sparse" (topk/batchtopk) computes the same loss and gradients with
     saeens/kernels.py, whose backward pass touches only the selected latents.
     """
-    if cfg.kernel == "sparse" and cfg.arch in ("topk", "batchtopk"):
+    if uses_sparse_kernel(cfg):
         return kernels.sparse_loss(params, cfg, x_BD, dead_M)
     pre_BM = pre_activations(params, x_BD)
     codes_BM = activate(params, cfg, pre_BM, train=True)
@@ -181,6 +181,27 @@ def loss(
         "min_kept": jnp.min(jnp.where(on_BM, jax.lax.stop_gradient(codes_BM), jnp.inf)),
     }
     return mse + sparsity, aux
+
+
+def uses_sparse_kernel(cfg: SAEConfig) -> bool:
+    """Whether training runs saeens/kernels.py's sparse TopK loss (TopK-style codes only)."""
+    return cfg.kernel == "sparse" and cfg.arch in ("topk", "batchtopk")
+
+
+def update_inference_threshold(params: Params, cfg: SAEConfig, min_kept: jax.Array) -> Params:
+    """BatchTopK's inference threshold after a train step: an EMA of the smallest code the batch
+    rule kept (min_kept, from `loss`'s summaries); the first step sets it. Other archs: unchanged.
+
+    One threshold for every latent (stored per latent, so inference and export read it like
+    JumpReLU's). A batch that kept nothing (min_kept = inf) leaves it as it was.
+    """
+    if cfg.arch != "batchtopk":
+        return params
+    old = params["threshold"][0]
+    min_kept = jnp.where(jnp.isfinite(min_kept), min_kept, old)
+    decay = cfg.batchtopk_threshold_decay
+    new = jnp.where(jnp.all(params["threshold"] == 0), min_kept, decay * old + (1 - decay) * min_kept)
+    return params | {"threshold": jnp.full_like(params["threshold"], new)}
 
 
 def geometric_median(x_ND: jax.Array, n_iter: int = 50, eps: float = 1e-6) -> jax.Array:
