@@ -14,7 +14,7 @@ import pytest
 from saeens import ensemble, sae
 from saeens.config import SAEConfig
 from saeens.errors import SaeensError
-from saeens.export import export_saelens, load_export, load_saelens
+from saeens.io.export import export_saelens, load_export, load_saelens
 
 import torch  # noqa: E402
 from sae_lens import SAE  # noqa: E402 - a declared test dependency: a broken install fails, never skips
