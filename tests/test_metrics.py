@@ -302,7 +302,7 @@ def test_streaming_equals_one_shot_on_an_ensemble():
     # per-token EV is centred per chunk (as SAELens per eval batch): token-weighted chunk values
     per_chunk = [ref_ev_per_token(a, b) * len(a) for a, b in zip(_chunks(x, sizes), _chunks(x_hat, sizes))]
     assert out["explained_variance_per_token"] == pytest.approx(sum(per_chunk) / 700, rel=1e-4)
-    one = metrics.evaluate_stream(fwd, [x], J * M, cofire=False, progress=True, total=1)
+    one = metrics.evaluate_stream(fwd, [x], J * M, cofire=False, progress=True, n_tokens=len(x))
     assert one["explained_variance_per_token"] == pytest.approx(float(one_shot["explained_variance_per_token"]), rel=1e-4)
     assert np.isnan(one["connectivity"]) and one["l0"] == pytest.approx(out["l0"], rel=1e-6)
 
