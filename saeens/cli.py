@@ -136,37 +136,13 @@ def _mesh(spec: str | None):
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from saeens.config import RunConfig
     from saeens.data.cache import ActivationCache
     from saeens.train import fit
 
     acts = ActivationCache(args.activations)
     run = _train_config(args, acts.d_in)
-    out = Path(args.out)
-    cfg_path = out / "config.json"
-    if cfg_path.is_file():
-        old = RunConfig.load(cfg_path)
-        if old != run:
-            raise SaeensError(
-                f"{out} holds a run with a different config: use a new --out, or repeat the original flags to resume"
-            )
-        print(f"resuming the run in {out}", file=sys.stderr)
-    elif out.exists() and any(out.iterdir()):
-        raise SaeensError(f"{out} is not empty and holds no run: choose a new --out")
-    source = {"path": str(Path(args.activations).absolute()), "d_in": acts.d_in, "train_rows": acts.n_rows("train")}
-    source_path = out / "activations.json"
-    if source_path.is_file():
-        old_source = json.loads(source_path.read_text())
-        if old_source["train_rows"] != source["train_rows"]:
-            raise SaeensError(
-                f"{out} was trained on {old_source['path']} ({old_source['train_rows']} rows), not on this cache "
-                f"({source['train_rows']} rows): resume with the original --activations or use a new --out"
-            )
-    out.mkdir(parents=True, exist_ok=True)
-    run.save(cfg_path)
-    source_path.write_text(json.dumps(source, indent=2))
-    fit(out, run, acts, progress=not args.quiet, mesh=_mesh(args.mesh))
-    print(f"trained {run.ensemble.method} run written to {out}")
+    fit(args.out, run, acts, progress=not args.quiet, mesh=_mesh(args.mesh))  # saeens/runs.py checks --out
+    print(f"trained {run.ensemble.method} run written to {args.out}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:

@@ -208,7 +208,7 @@ def gather_batch(
     idx_B = np.asarray(idx_B)
     rows = process_rows(mesh, idx_B.shape[0])
     local_RD = acts.gather(idx_B[rows], split)
-    if check is not None:  # e.g. NaN/Inf rows, named by shard and row (train._check_batch)
+    if check is not None:  # e.g. NaN/Inf rows, named by shard and row (saeens/train/loop.py: check_batch)
         check(local_RD, idx_B[rows])
     return jax.make_array_from_process_local_data(
         batch_sharding(mesh), local_RD, (idx_B.shape[0], local_RD.shape[1])

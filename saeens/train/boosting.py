@@ -1,0 +1,87 @@
+"""Boosting: stage j trains on the residual that the frozen stages before it leave.
+
+All J stages live stacked on a leading axis in ONE train state. The stage being trained is data
+(`state.step // steps_per_stage`), not a Python constant, so one compiled step serves every stage:
+the residual of the earlier stages is `ensemble.stage_scan` with only the stages l < j active
+(inference runs the same scan with all of them), and the single-SAE `advance` trains stage j on
+it and is written back in place. Each stage gets the full token budget; its b_dec starts at the
+geometric median of ITS residual, and its AuxK loss targets its residual (the stage's own input),
+unlike the public code's quirks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from saeens import ensemble, sae
+from saeens.config import SAEConfig, TrainConfig
+from saeens.ensemble import Ensemble
+from saeens.train.step import TrainState, advance, input_scale
+
+
+def stage_state(state: TrainState, j: jax.Array) -> TrainState:
+    """Stage j's own single-SAE train state (the shared scale and step as they are)."""
+    params, opt_state = jax.tree.map(lambda a: a[j], (state.params, state.opt_state))
+    return TrainState(params, opt_state, state.since_fired[j], state.scale, state.step)
+
+
+def with_stage(state: TrainState, j: jax.Array, sub: TrainState) -> TrainState:
+    """state with stage j replaced by sub (and sub's step)."""
+    params, opt_state = jax.tree.map(lambda a, b: a.at[j].set(b), (state.params, state.opt_state),
+                                     (sub.params, sub.opt_state))
+    return TrainState(params, opt_state, state.since_fired.at[j].set(sub.since_fired), state.scale, sub.step)
+
+
+def residual_before(params_J: sae.Params, cfg: SAEConfig, x_BD: jax.Array, stage: jax.Array) -> jax.Array:
+    """x minus the reconstructions of stages 0..stage-1, each applied to its own residual."""
+    active_J = jnp.arange(params_J["W_dec"].shape[0]) < stage
+    return jax.lax.stop_gradient(ensemble.stage_scan(params_J, cfg, x_BD, active_J)[1])
+
+
+def init_stages(
+    key: jax.Array, cfg: SAEConfig, tcfg: TrainConfig, sample_ND: jax.Array, stages: int,
+    opt: optax.GradientTransformation,
+) -> TrainState:
+    """Stacked stage params and optimizer states; one shared input scale; step 0."""
+    params_J = jax.vmap(lambda k: sae.init(k, cfg))(jax.random.split(key, stages))
+    return TrainState(params_J, jax.vmap(opt.init)(params_J), jnp.zeros((stages, cfg.width), jnp.int32),
+                      input_scale(sample_ND, tcfg), jnp.int32(0))
+
+
+def start_stage(state: TrainState, sample_ND: jax.Array, cfg: SAEConfig, steps_per_stage: int) -> TrainState:
+    """Before stage j's first step: b_dec at the geometric median of stage j's residual."""
+    j = state.step // steps_per_stage
+    r_ND = residual_before(state.params, cfg, sample_ND * state.scale, j)
+    params = state.params | {"b_dec": state.params["b_dec"].at[j].set(sae.geometric_median(r_ND))}
+    return state._replace(params=params, since_fired=state.since_fired.at[j].set(0))
+
+
+def make_boosting_step(cfg: SAEConfig, opt: optax.GradientTransformation, steps_per_stage: int) -> Callable:
+    """(stacked state, batch, key) -> (stacked state, stage j's metrics + "stage"), j = step // S."""
+
+    def boosting_step(state: TrainState, x_BD: jax.Array, key: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+        del key  # the contract's key; the losses are deterministic
+        j = state.step // steps_per_stage
+        sub, metrics = advance(stage_state(state, j), residual_before(state.params, cfg, x_BD * state.scale, j), cfg, opt)
+        return with_stage(state, j, sub), {**metrics, "stage": j}
+
+    return boosting_step
+
+
+def make_prepare(cfg: SAEConfig, steps_per_stage: int) -> Callable:
+    """(state, step, sample) -> state: starts a stage at its first step, else leaves the state."""
+    start = jax.jit(lambda state, sample: start_stage(state, sample, cfg, steps_per_stage), donate_argnums=0)
+
+    def prepare(state: TrainState, step: int, sample_ND: jax.Array) -> TrainState:
+        return start(state, sample_ND) if step % steps_per_stage == 0 else state
+
+    return prepare
+
+
+def final_ensemble(cfg: SAEConfig, state: TrainState) -> Ensemble:
+    """The stages in activation units (each folds the shared input scale), weights 1."""
+    return ensemble.boosting(cfg, jax.vmap(lambda p: sae.fold_scale(p, cfg, state.scale))(state.params))

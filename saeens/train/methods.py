@@ -1,0 +1,81 @@
+"""Method name -> Method: the four functions (and the stage length) that `fit` needs.
+
+  single / expanded   jit(single step)            (expanded = one SAE of J*m latents)
+  bagging             jit(vmap(single step))      saeens/train/bagging.py
+  boosting            jit(single step on stage `state.step // S`, input = residual of the
+                      frozen stages)              saeens/train/boosting.py
+Each method's step is jitted HERE, once (a config compiles one step program, whatever the stage).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from saeens import ensemble, sae
+from saeens.config import RunConfig, SAEConfig, TrainConfig
+from saeens.ensemble import Ensemble
+from saeens.optim import make_optimizer
+from saeens.train import bagging, boosting
+from saeens.train.step import init_state, make_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A training method as four functions: what `fit` needs and nothing else."""
+
+    init: Callable[[jax.Array, jax.Array], Any]  # (key, sample_ND) -> state
+    step: Callable[[Any, jax.Array, jax.Array], tuple[Any, dict]]  # jitted (state, batch, key)
+    n_steps: int  # total steps (boosting: stages * steps per stage)
+    to_ensemble: Callable[[Any], Ensemble]  # final state -> ensemble in activation units
+    prepare: Callable[[Any, int, jax.Array], Any] | None = None  # (state, step, sample) before a step
+    steps_per_stage: int | None = None  # boosting: the log and the progress bar follow the stages
+
+
+def single_method(cfg: SAEConfig, tcfg: TrainConfig) -> Method:
+    opt = make_optimizer(tcfg)
+    return Method(
+        init=lambda key, sample: init_state(key, cfg, tcfg, sample, opt),
+        step=jax.jit(make_step(cfg, opt), donate_argnums=0),
+        n_steps=tcfg.n_steps,
+        to_ensemble=lambda s: ensemble.single(cfg, sae.fold_scale(s.params, cfg, s.scale)),
+    )
+
+
+def bagging_method(cfg: SAEConfig, tcfg: TrainConfig, members: int) -> Method:
+    opt = make_optimizer(tcfg)
+    return Method(
+        init=lambda key, sample: bagging.init_members(key, cfg, tcfg, sample, members, opt),
+        step=jax.jit(bagging.make_bagging_step(cfg, opt), donate_argnums=0),
+        n_steps=tcfg.n_steps,
+        to_ensemble=lambda s: bagging.final_ensemble(cfg, s),
+    )
+
+
+def boosting_method(cfg: SAEConfig, tcfg: TrainConfig, stages: int) -> Method:
+    opt, S = make_optimizer(tcfg), tcfg.n_steps
+    return Method(
+        init=lambda key, sample: boosting.init_stages(key, cfg, tcfg, sample, stages, opt),
+        step=jax.jit(boosting.make_boosting_step(cfg, opt, S), donate_argnums=0),
+        n_steps=stages * S,
+        to_ensemble=lambda s: boosting.final_ensemble(cfg, s),
+        prepare=boosting.make_prepare(cfg, S),
+        steps_per_stage=S,
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def build_method(run: RunConfig) -> Method:
+    """single | expanded | bagging | boosting -> its Method (cached: a config compiles once)."""
+    method, J = run.ensemble.method, run.ensemble.members
+    if method == "single":
+        return single_method(run.sae, run.train)
+    if method == "expanded":
+        return single_method(run.sae.replace(width=run.sae.width * J), run.train)
+    if method == "bagging":
+        return bagging_method(run.sae, run.train, J)
+    return boosting_method(run.sae, run.train, J)
