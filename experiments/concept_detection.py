@@ -113,7 +113,7 @@ def mean_over_datasets(result: dict[str, Any], method: str, key: str) -> float:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    from saeens.evaluate import format_table
+    from saeens.tables import format_table
 
     rows = []
     for name, d in result["datasets"].items():

@@ -90,7 +90,7 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
 
 
 def markdown(result: dict[str, Any]) -> str:
-    from saeens.evaluate import format_table
+    from saeens.tables import format_table
 
     lines = [f"# Figure 2: the effect of J (TopK k = {result['k']}, {result['width']} latents per member)", "",
              f"Prefixes of the {result['seeds']} independent J = {result['members']} ensembles of table 1 "

@@ -79,7 +79,7 @@ def setting(scale: common.Scale, acts) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    from saeens.evaluate import format_table
+    from saeens.tables import format_table
 
     s = result["setting"]
     sc = s["scale"]

@@ -61,7 +61,7 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
 
 
 def markdown(result: dict[str, Any]) -> str:
-    from saeens.evaluate import format_table
+    from saeens.tables import format_table
 
     rows = [{"method": m, "k": p["k"], "J": p["J"], "features": p["n_features"], "l0": p["l0"], "fvu": p["fvu"],
              "explained_variance": p["explained_variance"], "delta_lm_loss": p["delta_lm_loss"],

@@ -168,7 +168,7 @@ def findings(scale: common.Scale) -> str:
 
 def summary(scale: common.Scale) -> str:
     """The top-level README's results: table 1's TopK rows, the plots, the downstream tables."""
-    from saeens.evaluate import format_table
+    from saeens.tables import format_table
 
     res = f"experiments/{common.results_dir(scale).relative_to(common.ROOT).as_posix()}"
     t1, cd, scr = load(scale, "intrinsic"), load(scale, "concept_detection"), load(scale, "spurious_removal")

@@ -48,7 +48,7 @@ def probe(scale: common.Scale, acts, arch: str, overrides: tuple, progress: bool
 
 
 def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dict[str, Any] | None:
-    from saeens.evaluate import format_table
+    from saeens.tables import format_table
 
     if common.result_done(scale, NAME, force):
         return None

@@ -75,7 +75,7 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
 
 
 def markdown(result: dict[str, Any]) -> str:
-    from saeens.evaluate import format_table
+    from saeens.tables import format_table
 
     rows = []
     for method, r in result["methods"].items():

@@ -17,7 +17,7 @@ import numpy as np
 
 from saeens import ensemble
 from saeens.cli import main
-from saeens.evaluate import format_table
+from saeens.tables import format_table
 from saeens.synthetic import feature_recovery
 from saeens.train import load_ensemble
 

@@ -44,7 +44,8 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), progress: bool = T
     from saeens.data.corpora import load_corpus
     from saeens.data.extract import build_cache
     from saeens.evals.spliced import SplicedConfig, held_out_contexts, spliced_losses
-    from saeens.evaluate import evaluate_ensemble, format_table
+    from saeens.evals.intrinsic import evaluate_ensemble
+    from saeens.tables import format_table
     from saeens.models import hook_name, load_model
     from saeens.plots import metric_bars, training_curves
     from saeens.train import fit
