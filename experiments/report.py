@@ -1,4 +1,4 @@
-"""Findings: the paper's claims (shared PAPER.md headline) against this study's results.
+"""Findings: the paper's headline claims against this study's results.
 
 Reads the result JSONs of one scale and writes findings.md next to them; for --scale full it also
 replaces the text between the FINDINGS markers of experiments/README.md. Every number comes from

@@ -1,6 +1,6 @@
 """The on-disk activation cache: meta.json + .npy shards that numpy.load(mmap_mode="r") reads.
 
-Layout (the user-facing contract of DESIGN.md):
+Layout (a user-facing contract: other tools read these files directly):
   ACTS/meta.json            d_in, n_tokens, dtype, model, hook, context_length, shards, ...
   ACTS/acts_00000.npy       float32 [rows, d_in] activations
   ACTS/tokens_00000.npy     int32 [rows] token id that produced each row

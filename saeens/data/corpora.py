@@ -45,7 +45,8 @@ class Document:
 # ----------------------------------------------------------------------------- split by document
 
 
-def _unit_hash(doc_id: str, seed: int) -> float:
+def unit_hash(doc_id: str, seed: int) -> float:
+    """A stable pseudo-random number in [0, 1) per (seed, id): splits that never depend on list order."""
     h = hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "big") / 2.0**64
 
@@ -59,7 +60,7 @@ def split_documents(
         raise SaeensError(f"test fraction must lie in [0, 1), got {test_fraction}: pass e.g. 0.1")
     train, test = [], []
     for d in docs:
-        (test if _unit_hash(d.doc_id, seed) < test_fraction else train).append(d)
+        (test if unit_hash(d.doc_id, seed) < test_fraction else train).append(d)
     return train, test
 
 

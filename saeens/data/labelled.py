@@ -36,7 +36,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 
-from saeens.data.corpora import Document, _unit_hash, load_corpus, load_hub_dataset, split_documents
+from saeens.data.corpora import Document, unit_hash, load_corpus, load_hub_dataset, split_documents
 from saeens.errors import SaeensError
 
 DEFAULT_TEST_FRACTION = 0.2  # SAEBench: 4000 train / 1000 test per task
@@ -119,7 +119,7 @@ def cap_per_class(docs: Sequence[Document], cap: int | None, seed: int = DEFAULT
         by.setdefault(key(d), []).append(d)
     keep = set()
     for group in by.values():
-        keep.update(id(d) for d in sorted(group, key=lambda d: _unit_hash(d.doc_id, seed + 1))[:cap])
+        keep.update(id(d) for d in sorted(group, key=lambda d: unit_hash(d.doc_id, seed + 1))[:cap])
     return [d for d in docs if id(d) in keep]
 
 
@@ -175,7 +175,7 @@ def split_by_group(docs: Sequence[Document], group: Callable[[Document], str], t
     test_groups = set()
     for gs in groups_by_label.values():
         n = max(1, round(test_fraction * len(gs))) if len(gs) >= 2 else 0
-        test_groups.update(sorted(gs, key=lambda g: _unit_hash(g, seed))[:n])
+        test_groups.update(sorted(gs, key=lambda g: unit_hash(g, seed))[:n])
     train = [d for d in docs if group(d) not in test_groups]
     test = [d for d in docs if group(d) in test_groups]
     return train, test

@@ -90,7 +90,8 @@ def _pool_batch(graphdef, state, ens: Ensemble | None, tokens_BT, mask_BT, hook:
     return out
 
 
-def _check_inputs(model, ens: Ensemble | None, hook: str) -> None:
+def check_inputs(model, ens: Ensemble | None, hook: str) -> None:
+    """Refuse a hook the model lacks, or an ensemble trained on another model's width, before any model work."""
     from saeens.models import parse_hook
 
     parse_hook(hook, model.cfg.n_layers, model.cfg.parallel_residual)
@@ -108,7 +109,7 @@ def pooled(model, ens: Ensemble | None, hook: str, tokens_NT: np.ndarray, mask_N
     (all-pad rows), so one program is compiled per (batch_size, T)."""
     from tqdm.auto import tqdm
 
-    _check_inputs(model, ens, hook)
+    check_inputs(model, ens, hook)
     tokens_NT, mask_NT = np.asarray(tokens_NT, np.int32), np.asarray(mask_NT, bool)
     if tokens_NT.shape != mask_NT.shape or tokens_NT.ndim != 2:
         raise SaeensError(f"tokens {tokens_NT.shape} and mask {mask_NT.shape} must be the same [N, T] shape")

@@ -59,7 +59,7 @@ from saeens import ensemble
 from saeens.data.labelled import SpuriousDataset, cap_per_class
 from saeens.ensemble import Ensemble
 from saeens.errors import SaeensError
-from saeens.evals.probing import LinearProbe, _check_inputs, fit_probe, hook_acts, pool_weights, pooled, tokenize_texts
+from saeens.evals.probing import LinearProbe, check_inputs, fit_probe, hook_acts, pool_weights, pooled, tokenize_texts
 
 
 # ----------------------------------------------------------------------------- ablation
@@ -92,7 +92,7 @@ def ablated_pooled_acts(model, ens: Ensemble, hook: str, tokens_NT: np.ndarray, 
                         latents: Sequence[int], batch_size: int = 16) -> np.ndarray:
     """Mean-pooled (BOS/padding skipped) hook activations [N, D] with `latents` zero-ablated at every
     non-BOS position, error term kept: the token-level reference for the pooled shortcut."""
-    _check_inputs(model, ens, hook)
+    check_inputs(model, ens, hook)
     graphdef, state = nnx.split(model)
     m_F = jnp.asarray(latent_mask(ens.width, latents))
     out = []
@@ -288,7 +288,7 @@ def scr_sets(ds: SpuriousDataset, cfg: SCRConfig) -> dict[str, list]:
 def run_scr(model, tokenizer, ens: Ensemble, hook: str, dataset: SpuriousDataset,
             cfg: SCRConfig = SCRConfig(), progress: bool = False) -> SCRResult:
     """SCR of `ens`'s latents at `hook` of `model` on `dataset` (see the module docstring)."""
-    _check_inputs(model, ens, hook)
+    check_inputs(model, ens, hook)
     sets = scr_sets(dataset, cfg)
     # pool every distinct document once (the biased and balanced train sets overlap)
     docs = list({d.doc_id: d for s in sets.values() for d in s}.values())
