@@ -94,6 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stability", help="feature stability across independently trained runs")
     p.add_argument("runs", nargs="+")
     p.add_argument("--json", dest="json_out")
+
+    p = sub.add_parser("features", help="per-feature statistics, agreement, consensus and a static HTML dashboard")
+    p.add_argument("runs", nargs="+", help="run directories; each is matched against the others")
+    p.add_argument("--activations", required=True, help="activation cache the statistics stream over")
+    p.add_argument("--out", required=True, help="output directory: JSON, dashboard (index.html), consensus SAEs")
+    p.add_argument("--model", help="model for the text and logit effects (default: the cache's model; 'none': neither)")
+    p.add_argument("--split", default="test", choices=("test", "train", "all"))
+    p.add_argument("--top-n", type=int, default=10, help="top activating contexts per feature")
+    p.add_argument("--select", type=int, help="show only N features: the most frequent among the non-dense ones")
+    p.add_argument("--consensus-t", type=int, help="consensus keeps features found by >= T members (default 2)")
+    p.add_argument("--quiet", action="store_true")
     return ap
 
 
@@ -243,6 +254,21 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.out, cfg, progress=not args.quiet)
 
 
+def cmd_features(args: argparse.Namespace) -> None:
+    from saeens.features import FeaturesConfig, build
+
+    if args.top_n < 1 or (args.select is not None and args.select < 1):
+        raise SaeensError("--top-n and --select must be positive: pass e.g. --top-n 10 --select 200")
+    cfg = FeaturesConfig(split=args.split, top_n=args.top_n, select=args.select, consensus_t=args.consensus_t)
+    summary = build(args.runs, args.activations, args.out, args.model, cfg, progress=not args.quiet)
+    for r in summary["runs"]:
+        c = r["consensus"]
+        print(f"{r['name']}: {r['n_tokens']} tokens at {r['tokens_per_second']:.0f} tok/s; consensus (t={c['t']}) keeps "
+              f"{c['kept']} of {c['of']} features, EV {c['metrics_full']['explained_variance']:.4f} -> "
+              f"{c['metrics_consensus']['explained_variance']:.4f}")
+    print(f"dashboard: {Path(args.out) / 'index.html'}")
+
+
 COMMANDS = {
     "demo": cmd_demo,
     "cache": cmd_cache,
@@ -251,6 +277,7 @@ COMMANDS = {
     "evaluate": cmd_evaluate,
     "export": cmd_export,
     "stability": cmd_stability,
+    "features": cmd_features,
 }
 
 
