@@ -109,9 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train_config(args: argparse.Namespace, d_in: int):
-    from saeens.config import RunConfig, _read_json
+    from saeens.config import RunConfig
+    from saeens.io.files import read_json
 
-    base: dict[str, Any] = _read_json(Path(args.config)) if args.config else {}
+    base: dict[str, Any] = read_json(args.config, "config file", "pass a JSON file with sae, train and ensemble sections") if args.config else {}
     d = {s: dict(base.get(s, {})) for s in ("sae", "train", "ensemble")}
     for extra in set(base) - set(d):
         d[extra] = base[extra]  # RunConfig.from_dict names unknown sections
@@ -158,35 +159,33 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from saeens.data.cache import ActivationCache
-    from saeens.evaluate import evaluate_run, print_table
+    from saeens.evals.intrinsic import evaluate_run
+    from saeens.tables import print_table
 
     acts = ActivationCache(args.activations)
     result = evaluate_run(args.run, acts, split=args.split, progress=not args.quiet)
     if args.model:
-        from saeens.evals.spliced import SplicedConfig, spliced_metrics
+        from saeens.evals.spliced import spliced_metrics
 
-        meta = acts.meta
-        dataset = args.dataset or meta.get("dataset")
-        if not dataset:
-            raise SaeensError("the cache does not record its dataset: pass --dataset D for the spliced loss")
-        cfg = SplicedConfig(context_length=meta.get("context_length") or 128, seed=meta.get("split_seed", 0),
-                            test_fraction=meta.get("test_fraction", 0.1))
-        result.update(spliced_metrics(args.run, args.model, args.layer, dataset, cfg, progress=not args.quiet))
+        result.update(spliced_metrics(args.run, acts, args.model, args.layer, args.dataset, progress=not args.quiet))
     print_table([{"run": args.run, **result}])
     _write_json(args.json_out, result)
 
 
 def cmd_stability(args: argparse.Namespace) -> None:
-    from saeens.evaluate import print_table, stability_of_runs
+    from saeens.evals.stability import stability_of_runs
+    from saeens.tables import print_table
 
     result = stability_of_runs(args.runs)
-    print_table([{k: v for k, v in result.items() if not isinstance(v, list)}])
+    print_table([{k: v for k, v in result.items() if not isinstance(v, list) and k != "ci_note"}])
+    if result["ci_note"]:
+        print(f"note: {result['ci_note']}")
     _write_json(args.json_out, result)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from saeens.export import export_saelens
-    from saeens.train import load_ensemble
+    from saeens.io.export import export_saelens
+    from saeens.runs import load_ensemble
 
     ens, meta = load_ensemble(args.run)
     out = export_saelens(ens, meta["method"], Path(args.out), hook_name=meta.get("hook"), model_name=meta.get("model"))
@@ -211,7 +210,7 @@ def cmd_cache(args: argparse.Namespace) -> None:
         return
     if not args.model or args.layer is None:
         raise SaeensError("saeens cache needs --from-npy FILE, or --model M and --layer L")
-    from saeens.data.extract import build_cache
+    from saeens.data.build import build_cache
 
     out = build_cache(
         model_name=args.model, layer=args.layer, site=args.site, dataset=args.dataset, n_tokens=args.tokens,
@@ -234,11 +233,12 @@ def cmd_synthetic(args: argparse.Namespace) -> None:
 
 
 def _write_json(path: str | None, obj: dict[str, Any]) -> None:
+    """obj as JSON at path (when given); NaN/Inf become null so the file stays valid JSON."""
     if path:
-        from saeens.data.cache import atomic_write_text
+        from saeens.io.files import atomic_write_json
 
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(path), json.dumps(obj, indent=2))
+        atomic_write_json(path, obj)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
