@@ -8,41 +8,20 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from saeens import __version__
 from saeens.errors import SaeensError
-
-
-def _add_train_args(p: argparse.ArgumentParser) -> None:
-    # defaults are None so that a --config file can supply them; explicit flags override the file
-    p.add_argument("--activations", required=True, help="activation cache directory (saeens cache)")
-    p.add_argument("--out", required=True, help="run directory; an existing run is resumed")
-    p.add_argument("--config", help="JSON file with sections sae, train, ensemble")
-    p.add_argument("--method", choices=("single", "expanded", "bagging", "boosting"))
-    p.add_argument("--members", type=int, help="J: ensemble members / boosting stages / expansion factor")
-    p.add_argument("--arch", help="relu, topk, batchtopk or jumprelu")
-    p.add_argument("--width", type=int, help="latents per member (m)")
-    p.add_argument("--k", type=int, help="active latents per token (topk, batchtopk)")
-    p.add_argument("--l1", type=float, dest="l1_coeff", help="L1 coefficient (relu)")
-    p.add_argument("--l0", type=float, dest="l0_coeff", help="L0 coefficient (jumprelu)")
-    p.add_argument("--tokens", type=int, dest="n_tokens", help="training tokens per SAE / stage")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (0: only at the end)")
-    p.add_argument("--dead-tokens", type=int, help="tokens without firing after which a latent is dead")
-    p.add_argument("--no-normalize", action="store_true", help="train on raw activations (no norm scaling)")
-    p.add_argument("--mesh", help="device mesh ENSEMBLExDATA, e.g. 4x2: members over the first axis, batch over the second")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+from saeens.train_flags import add_train_args, train_config
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="saeens", description="Ensembles of sparse autoencoders in JAX")
+    ap.add_argument("--version", action="version", version=f"saeens {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("cache", help="write an activation cache (from a model and corpus, or an .npy array)")
@@ -68,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("train", help="train a single, expanded, bagging or boosting run")
-    _add_train_args(p)
+    add_train_args(p)
 
     p = sub.add_parser("evaluate", help="reconstruction, sparsity and dictionary metrics of a run")
     p.add_argument("run")
@@ -108,33 +87,6 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _train_config(args: argparse.Namespace, d_in: int):
-    from saeens.config import RunConfig
-    from saeens.io.files import read_json
-
-    base: dict[str, Any] = read_json(args.config, "config file", "pass a JSON file with sae, train and ensemble sections") if args.config else {}
-    d = {s: dict(base.get(s, {})) for s in ("sae", "train", "ensemble")}
-    for extra in set(base) - set(d):
-        d[extra] = base[extra]  # RunConfig.from_dict names unknown sections
-    flags = {
-        "sae": ("arch", "width", "k", "l1_coeff", "l0_coeff", "dead_tokens"),
-        "train": ("n_tokens", "batch_size", "lr", "seed", "checkpoint_every"),
-        "ensemble": ("method", "members"),
-    }
-    for section, names in flags.items():
-        for name in names:
-            if getattr(args, name) is not None:
-                d[section][name] = getattr(args, name)
-    if args.no_normalize:
-        d["train"]["normalize_activations"] = False
-    if d["sae"].get("d_in", d_in) != d_in:
-        raise SaeensError(f"config says d_in={d['sae']['d_in']} but the activations have d_in={d_in}: fix the config")
-    d["sae"]["d_in"] = d_in
-    if "width" not in d["sae"]:
-        raise SaeensError("no SAE width given: pass --width M (latents per member)")
-    return RunConfig.from_dict(d)
-
-
 def _mesh(spec: str | None):
     if spec is None:
         return None
@@ -152,7 +104,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from saeens.train import fit
 
     acts = ActivationCache(args.activations)
-    run = _train_config(args, acts.d_in)
+    run = train_config(args, acts.d_in)
     fit(args.out, run, acts, progress=not args.quiet, mesh=_mesh(args.mesh))  # saeens/runs.py checks --out
     print(f"trained {run.ensemble.method} run written to {args.out}")
 

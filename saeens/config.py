@@ -81,8 +81,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, f"learning rate must be > 0, got {self.lr}: pass e.g. --lr 3e-4")
-        _require(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
-        _require(self.n_tokens >= self.batch_size, f"--tokens {self.n_tokens} is below one batch of {self.batch_size}")
+        _require(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}: pass e.g. --batch-size 4096")
+        _require(
+            self.n_tokens >= self.batch_size,
+            f"--tokens {self.n_tokens} is below one batch of {self.batch_size} tokens: pass --batch-size "
+            f"{self.n_tokens} or less, or raise --tokens",
+        )
         _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "Adam betas must lie in [0, 1)")
         _require(self.grad_clip > 0, "grad_clip must be > 0")
         _require(self.checkpoint_every >= 0, "checkpoint_every must be >= 0")

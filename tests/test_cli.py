@@ -107,7 +107,6 @@ def test_wrong_d_in(acts, run, tmp_path, capsys):
         (["--k", "99"], ["k=99", "width"]),
         (["--members", "0", "--method", "bagging"], ["members", ">= 1"]),
         (["--lr", "0"], ["learning rate"]),
-        (["--arch", "gated"], ["unknown architecture", "topk"]),
         (["--method", "single", "--members", "3"], ["--members 1"]),
     ],
 )
@@ -210,3 +209,68 @@ def test_non_finite_loss_stops_and_keeps_no_bad_checkpoint(tmp_path, capsys):
 def test_unknown_model_name(tmp_path, capsys):
     _fails(capsys, ["cache", "--model", "gpt-17", "--layer", "1", "--out", str(tmp_path / "a")], "unknown model", "smollm2-135m")
     assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
+
+
+def test_version_and_train_help_show_defaults_and_choices(capsys):
+    import saeens
+    from saeens.config import SAEConfig, TrainConfig
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"saeens {saeens.__version__}"
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "--arch {relu,topk,batchtopk,jumprelu}" in text and "--method {single,expanded,bagging,boosting}" in text
+    for flag, default in [("--batch-size", TrainConfig.batch_size), ("--lr", TrainConfig.lr), ("--k", SAEConfig.k),
+                          ("--tokens", TrainConfig.n_tokens), ("--members", 1), ("--arch", "topk")]:
+        entry = text[text.index(f"{flag} ", text.index("options:")):].split(" --")[0]  # up to the next flag
+        assert entry.endswith(f"(default: {default})"), entry
+    assert "required: here or in --config" in text  # --width has no default
+
+
+def test_flag_defaults_stay_unset_so_a_config_file_applies(tmp_path):
+    from saeens.cli import build_parser
+    from saeens.train_flags import train_config
+
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"sae": {"width": 8, "arch": "relu", "k": 4}, "train": {"lr": 1e-3, "batch_size": 64}}))
+    argv = ["train", "--activations", "A", "--out", "R", "--config", str(cfg)]
+    run = train_config(build_parser().parse_args(argv), d_in=16)
+    assert (run.train.lr, run.train.batch_size, run.sae.arch, run.sae.k) == (1e-3, 64, "relu", 4)  # stored k is fine
+    run = train_config(build_parser().parse_args([*argv, "--lr", "2e-3"]), d_in=16)
+    assert run.train.lr == 2e-3
+
+
+@pytest.mark.parametrize(
+    "flags,words",
+    [
+        (["--arch", "relu", "--k", "8"], ["--k applies to topk and batchtopk, not to relu", "drop --k"]),
+        (["--arch", "topk", "--l1", "2"], ["--l1 applies to relu, not to topk"]),
+        (["--l0", "0.5"], ["--l0 applies to jumprelu, not to topk"]),  # topk is the default arch
+        (["--arch", "jumprelu", "--k", "8", "--l1", "1"], ["--k applies", "and 1 more", "--l1 applies"]),
+    ],
+)
+def test_flags_the_architecture_does_not_use_are_refused(acts, tmp_path, capsys, flags, words):
+    _fails(capsys, ["train", "--activations", str(acts), "--out", str(tmp_path / "r"), "--width", "16", *flags], *words)
+    assert not (tmp_path / "r").exists()
+
+
+def test_tokens_below_one_batch_gives_the_fix_and_hides_no_other_problem(acts, tmp_path, capsys):
+    argv = ["train", "--activations", str(acts), "--out", str(tmp_path / "r"), "--width", "16", "--tokens", "2048"]
+    _fails(capsys, argv, "--tokens 2048 is below one batch of 4096", "pass --batch-size 2048 or less")
+    _fails(capsys, [*argv, "--k", "99", "--method", "bagging", "--members", "0"], "k=99", "--tokens 2048", "members J", "and 2 more")
+    _fails(capsys, ["train", "--activations", str(acts), "--out", str(tmp_path / "r"), "--arch", "relu", "--k", "8"],
+           "no SAE width", "--k applies")
+    assert not (tmp_path / "r").exists()
+
+
+def test_architecture_is_a_choice_on_the_command_line_and_checked_in_a_config_file(acts, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--activations", str(acts), "--out", str(tmp_path / "r"), *TRAIN, "--arch", "gated"])
+    assert e.value.code == 2 and "invalid choice: 'gated'" in capsys.readouterr().err
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"sae": {"width": 8, "arch": "gated"}}))
+    _fails(capsys, ["train", "--activations", str(acts), "--out", str(tmp_path / "r"), "--config", str(cfg)],
+           "unknown architecture 'gated'", "topk")
+    assert not (tmp_path / "r").exists()

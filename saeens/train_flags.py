@@ -1,0 +1,98 @@
+"""`saeens train`'s flags, derived from the config dataclasses, and their merge with a --config file.
+
+The flags' own defaults stay None so that a --config file can supply any value (explicit flags
+override it); the help text shows the dataclass defaults that apply when neither gives one. Flags
+that the chosen architecture does not use are refused here, not in SAEConfig: a stored config holds
+k and both coefficients for every architecture.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from saeens.config import ARCHS, METHODS, EnsembleConfig, RunConfig, SAEConfig, TrainConfig
+from saeens.errors import SaeensError
+from saeens.io.files import read_json
+
+SECTIONS = {"sae": SAEConfig, "train": TrainConfig, "ensemble": EnsembleConfig}
+# flag, config section, field, type, help (the default is appended from the dataclass field)
+FLAGS = (
+    ("--method", "ensemble", "method", str, "how SAEs combine"),
+    ("--members", "ensemble", "members", int, "J: ensemble members / boosting stages / expansion factor"),
+    ("--arch", "sae", "arch", str, "SAE activation"),
+    ("--width", "sae", "width", int, "latents per member (m)"),
+    ("--k", "sae", "k", int, "active latents per token (topk, batchtopk only)"),
+    ("--l1", "sae", "l1_coeff", float, "L1 coefficient (relu only)"),
+    ("--l0", "sae", "l0_coeff", float, "L0 coefficient (jumprelu only)"),
+    ("--dead-tokens", "sae", "dead_tokens", int, "tokens without firing after which a latent is dead"),
+    ("--tokens", "train", "n_tokens", int, "training tokens per SAE / boosting stage"),
+    ("--batch-size", "train", "batch_size", int, "tokens per step"),
+    ("--lr", "train", "lr", float, "Adam learning rate"),
+    ("--seed", "train", "seed", int, "seed of the initial keys and the data order"),
+    ("--checkpoint-every", "train", "checkpoint_every", int, "steps between checkpoints (0: only at the end)"),
+)
+CHOICES = {"method": METHODS, "arch": ARCHS}
+ARCH_ONLY = {"k": ("topk", "batchtopk"), "l1_coeff": ("relu",), "l0_coeff": ("jumprelu",)}  # field -> archs using it
+
+
+def _default(section: str, name: str) -> Any:
+    field = next(f for f in dataclasses.fields(SECTIONS[section]) if f.name == name)
+    return field.default if field.default is not dataclasses.MISSING else None
+
+
+def _flag_of(name: str) -> str:
+    return next(flag for flag, _, field, _, _ in FLAGS if field == name)
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    """Every flag of `saeens train`; help shows the default that applies when no flag or file sets it."""
+    p.add_argument("--activations", required=True, help="activation cache directory (saeens cache)")
+    p.add_argument("--out", required=True, help="run directory; an existing run is resumed")
+    p.add_argument("--config", help="JSON file with sections sae, train, ensemble (flags override it)")
+    for flag, section, name, typ, text in FLAGS:
+        default = _default(section, name)
+        shown = "required: here or in --config" if default is None else f"default: {default}"
+        metavar = None if name in CHOICES else flag[2:].upper().replace("-", "_")
+        p.add_argument(flag, dest=name, type=typ, choices=CHOICES.get(name), metavar=metavar, help=f"{text} ({shown})")
+    p.add_argument("--no-normalize", action="store_true",
+                   help="train on raw activations (default: scale inputs to mean norm sqrt(d_in), folded back on export)")
+    p.add_argument("--mesh", help="device mesh ENSEMBLExDATA, e.g. 4x2: members over the first axis, batch over the second")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def train_config(args: argparse.Namespace, d_in: int) -> RunConfig:
+    """The RunConfig from --config and the flags; every problem is found, the first is reported with its fix."""
+    base: dict[str, Any] = (
+        read_json(args.config, "config file", "pass a JSON file with sae, train and ensemble sections") if args.config else {}
+    )
+    d = {s: dict(base.get(s, {})) for s in SECTIONS}
+    for extra in set(base) - set(d):
+        d[extra] = base[extra]  # RunConfig.from_dict names unknown sections
+    for _, section, name, _, _ in FLAGS:
+        if getattr(args, name) is not None:
+            d[section][name] = getattr(args, name)
+    if args.no_normalize:
+        d["train"]["normalize_activations"] = False
+    problems = []
+    if d["sae"].get("d_in", d_in) != d_in:
+        problems.append(f"config says d_in={d['sae']['d_in']} but the activations have d_in={d_in}: fix the config")
+    d["sae"]["d_in"] = d_in
+    if "width" not in d["sae"]:
+        problems.append("no SAE width given: pass --width M (latents per member)")
+    arch = d["sae"].get("arch", _default("sae", "arch"))
+    for name, archs in ARCH_ONLY.items():
+        if getattr(args, name) is not None and arch not in archs:
+            problems.append(f"{_flag_of(name)} applies to {' and '.join(archs)}, not to {arch}: drop {_flag_of(name)}")
+    for section, typ in SECTIONS.items():  # each section on its own: a bad value in one hides none in another
+        try:
+            typ(**d[section])
+        except SaeensError as e:
+            problems.append(str(e))
+        except TypeError:
+            pass  # unknown or missing keys: RunConfig.from_dict names them below
+    if problems:
+        more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
+        raise SaeensError(problems[0] + more)
+    return RunConfig.from_dict(d)
