@@ -160,7 +160,7 @@ def result_done(scale: Scale, name: str, force: bool) -> bool:
 
 
 def write_result(scale: Scale, name: str, result: dict[str, Any], markdown: str) -> Path:
-    from saeens.data.cache import atomic_write_text
+    from saeens.io.files import atomic_write_text
 
     out = results_dir(scale)
     atomic_write_text(out / f"{name}.md", markdown.rstrip() + "\n")
@@ -183,7 +183,7 @@ def _jsonable(x: Any) -> Any:
 
 def cached_json(path: Path, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """fn() once, its JSON kept at path (so an interrupted script does not redo finished evaluations)."""
-    from saeens.data.cache import atomic_write_text
+    from saeens.io.files import atomic_write_text
 
     if path.is_file():
         return json.loads(path.read_text())
@@ -217,8 +217,8 @@ def hook() -> str:
 
 def get_cache(scale: Scale, progress: bool = True):
     """The shared activation cache of this scale, built once (resumably) into experiments/work/."""
+    from saeens.data.build import build_cache
     from saeens.data.cache import ActivationCache, read_meta
-    from saeens.data.extract import build_cache
 
     out = WORK / f"cache-{scale.name}"
     meta = read_meta(out)
@@ -245,13 +245,11 @@ def get_model():
 
 
 def held_out_contexts(scale: Scale, n_contexts: int) -> np.ndarray:
-    """[n, context_length] token contexts of the cache's TEST documents (same split, shuffled)."""
-    from saeens.evals.spliced import SplicedConfig, held_out_contexts
+    """[n, context_length] token contexts of the shared cache's TEST documents (its split, shuffled)."""
+    from saeens.data.build import held_out_contexts
 
     _, tokenizer = get_model()
-    cfg = SplicedConfig(n_contexts=n_contexts, context_length=scale.context_length, test_fraction=TEST_FRACTION,
-                        seed=SPLIT_SEED)
-    return held_out_contexts(tokenizer, corpus_documents(), cfg)
+    return held_out_contexts(get_cache(scale, progress=False), tokenizer, n_contexts, corpus_documents())
 
 
 # ----------------------------------------------------------------------------- runs
@@ -288,7 +286,7 @@ def train_flops(run: RunConfig) -> float:
 
 
 def _add_seconds(path: Path, seconds: float) -> float:
-    from saeens.data.cache import atomic_write_text
+    from saeens.io.files import atomic_write_text
 
     total = (json.loads(path.read_text())["seconds"] if path.is_file() else 0.0) + seconds
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -300,16 +298,14 @@ def ensure_run(scale: Scale, name: str, run: RunConfig, acts, progress: bool = T
     """Train (or resume, or load) the run `name`: (ensemble, info with run_dir, train_seconds, train_flops).
 
     train_seconds is the wall time summed over every session that trained it (compile included)."""
+    from saeens import runs
     from saeens.errors import SaeensError
     from saeens.train import fit, load_ensemble
 
     rd = runs_dir(scale) / name
-    rd.mkdir(parents=True, exist_ok=True)
-    cfg_path = rd / "experiment_config.json"
-    if cfg_path.is_file() and json.loads(cfg_path.read_text()) != run.to_dict():
+    if (rd / runs.CONFIG).is_file() and RunConfig.load(rd / runs.CONFIG) != run:  # fit records and checks it
         raise SaeensError(f"{rd} was trained with other settings: delete it (or experiments/work/{scale.name}) to retrain")
-    cfg_path.write_text(json.dumps(run.to_dict(), indent=2))
-    seconds_path = rd / "wall_seconds.json"
+    seconds_path = rd.with_name(f"{name}.wall_seconds.json")  # beside the run: fit owns the run directory
     if (rd / "ensemble.json").is_file():
         ens, _ = load_ensemble(rd)
     else:
@@ -331,79 +327,15 @@ def run_path(info: dict[str, Any]) -> Path:
     return ROOT.parent / info["run_dir"]
 
 
-def prefix(ens, j: int):
-    """The sub-ensemble of the first j members (bagging: weights 1/j; boosting: the first j stages)."""
-    from saeens import ensemble
-
-    sub = jax.tree.map(lambda a: a[:j], ens.params)
-    return ensemble.boosting(ens.cfg, sub) if ens.sequential else ensemble.bagging(ens.cfg, sub)
-
-
 # ----------------------------------------------------------------------------- metrics
 
 
-def test_metrics(ens, acts) -> dict[str, float]:
-    """saeens.metrics.evaluate_stream over all test tokens and the decoder's diversity (no co-firing
-    matrix: connectivity comes from prefix_connectivity on a sample)."""
-    from saeens import ensemble, metrics
+def intrinsic_metrics(ens, acts, scale: Scale) -> dict[str, Any]:
+    """saeens.evals.intrinsic over all test tokens, connectivity on the first `connectivity_tokens`
+    of them (the F x F co-firing product costs 2*n*F^2 FLOPs)."""
+    from saeens.evals import intrinsic
 
-    out = metrics.evaluate_stream(lambda x: ensemble.forward(ens, x), acts.chunks("test"), ens.width, cofire=False)
-    out["diversity"] = int(metrics.diversity(ensemble.decoder(ens)))
-    out["diversity_fraction"] = out["diversity"] / ens.width
-    return out
-
-
-def intrinsic_metrics(ens, acts, scale: Scale) -> dict[str, float]:
-    """evaluate_ensemble's metrics over all test tokens, with connectivity on the first
-    `connectivity_tokens` test tokens (the F x F co-firing product costs 2*n*F^2 FLOPs)."""
-    out = test_metrics(ens, acts)
-    out["n_features"] = ens.width
-    out["connectivity"] = prefix_connectivity(ens, acts, scale, [ens.n_members])[0]
-    out["connectivity_tokens"] = min(scale.connectivity_tokens, acts.n_rows("test"))
-    return out
-
-
-def connectivity_sample(acts, scale: Scale) -> np.ndarray:
-    n = min(scale.connectivity_tokens, acts.n_rows("test"))
-    return acts.gather(np.arange(n), "test")
-
-
-def prefix_connectivity(ens, acts, scale: Scale, js: list[int]) -> list[float]:
-    """Connectivity 1 - nnz(Z^T Z)/F^2 of the first j members, for each j in js, from ONE co-firing
-    matrix: member j's codes do not depend on later members (bagging) or stages (boosting), so the
-    j-prefix's firing matrix is the first j*m columns of the full one."""
-    import jax.numpy as jnp
-
-    from saeens import ensemble
-
-    x = jnp.asarray(connectivity_sample(acts, scale), jnp.float32)
-    sub = prefix(ens, max(js)) if ens.n_members > 1 else ens
-
-    @jax.jit
-    def cofire(x_BD):
-        Z = (ensemble.encode(sub, x_BD) > 0).astype(jnp.float32)
-        return (Z.T @ Z) > 0
-
-    C = np.asarray(cofire(x))
-    m = ens.cfg.width
-    return [1.0 - float(C[: j * m, : j * m].sum()) / float((j * m) ** 2) for j in js]
-
-
-def stability_of(decoders: list) -> dict[str, float]:
-    from saeens import metrics
-
-    s = metrics.stability(decoders)
-    return {"stability": s["mean"], "stability_ci_low": s["ci_low"], "stability_ci_high": s["ci_high"],
-            "stability_scores": s["scores"]}
-
-
-def hungarian_of(decoders: list, scale: Scale) -> dict[str, Any]:
-    from saeens import metrics
-
-    if max(int(d.shape[0]) for d in decoders) > scale.hungarian_max_features:
-        return {"hungarian_stability": float("nan"), "hungarian_skipped": f"> {scale.hungarian_max_features} features"}
-    h = metrics.hungarian_stability(decoders)
-    return {"hungarian_stability": h["mean"], "hungarian_ci_low": h["ci_low"], "hungarian_ci_high": h["ci_high"]}
+    return intrinsic.run(ens, acts, intrinsic.IntrinsicConfig(connectivity_tokens=scale.connectivity_tokens)).to_dict()
 
 
 class Spliced:

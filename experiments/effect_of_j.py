@@ -3,7 +3,7 @@
 No ensemble is trained for this figure. The first j members of a bagging ensemble ARE a bagging
 ensemble of j members (members differ only in their keys; weights become 1/j), and the first j
 stages of a boosting ensemble ARE a boosting ensemble of j stages (stage j never sees later ones).
-So the `seeds` independent J = members ensembles of table 1 are sliced (`common.prefix`), and the
+So the `seeds` independent J = members ensembles of table 1 are sliced (`ensemble.prefix`), and the
 95% confidence bands are Student-t intervals over those independent ensembles. Stability at J = j
 compares the j-prefixes of the independent ensembles. Connectivity of every prefix comes from one
 co-firing matrix per ensemble (the prefix's firing matrix is its first j*m columns). The spliced
@@ -23,6 +23,7 @@ import numpy as np
 from experiments import common
 from experiments.intrinsic import table_run
 from saeens import ensemble, metrics
+from saeens.evals import intrinsic
 
 NAME = "effect_of_j"
 METRICS = ("explained_variance", "explained_variance_per_token", "mse", "l0", "relative_reconstruction_bias",
@@ -38,11 +39,12 @@ def prefix_metrics(scale, acts, spliced: common.Spliced, ens, run_dir: Path) -> 
     js = list(range(1, J + 1))
 
     def compute():
-        conn = common.prefix_connectivity(ens, acts, scale, js)
+        sample = acts.gather(np.arange(min(scale.connectivity_tokens, acts.n_rows("test"))), "test")
+        conn = intrinsic.prefix_connectivity(ens, sample, js)
         out = []
         for j, c in zip(js, conn):
-            sub = common.prefix(ens, j)
-            r = common.test_metrics(sub, acts)
+            sub = ensemble.prefix(ens, j)
+            r = intrinsic.run(sub, acts, intrinsic.IntrinsicConfig(connectivity=False)).to_dict()
             r["connectivity"] = c
             r.update(spliced.fast(sub))
             out.append({"J": j, **r})
@@ -71,7 +73,7 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
             c = {"x": list(range(1, J + 1)), "mean": [], "ci_low": [], "ci_high": []}
             for j in range(1, J + 1):
                 if m == "stability":  # one score per independent ensemble: stability's own interval
-                    s = metrics.stability([np.asarray(ensemble.decoder(common.prefix(e, j))) for e in ensembles])
+                    s = metrics.stability([np.asarray(ensemble.decoder(ensemble.prefix(e, j))) for e in ensembles])
                 else:
                     s = metrics.mean_ci([r[j - 1][m] for r in rows])
                 for key in ("mean", "ci_low", "ci_high"):

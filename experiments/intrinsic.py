@@ -61,14 +61,29 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
             for m in METRICS:
                 row[m] = metrics.mean_ci([r[m] for r in per_seed])
             if len(decoders) >= 2:
-                row.update(common.stability_of(decoders))
-                row.update(common.hungarian_of(decoders, scale))
+                row.update(stability_of(decoders))
+                row.update(hungarian_of(decoders, scale))
             rows.append(row)
             runs[f"{arch}/{method}"] = per_seed
     result = {"scale": scale.name, "setting": setting(scale, acts), "rows": rows, "runs": runs}
     common.write_result(scale, NAME, result, markdown(result))
     plot(result, common.results_dir(scale) / f"{NAME}.png")
     return result
+
+
+def stability_of(decoders: list) -> dict[str, Any]:
+    """Table 1's stability columns: saeens.metrics.stability's mean, Student-t bounds and per-run scores."""
+    s = metrics.stability(decoders)
+    return {"stability": s["mean"], "stability_ci_low": s["ci_low"], "stability_ci_high": s["ci_high"],
+            "stability_scores": s["scores"]}
+
+
+def hungarian_of(decoders: list, scale: common.Scale) -> dict[str, Any]:
+    """Table 1's Hungarian columns, skipped (NaN) past the scale's feature limit (O(F^3) per pair)."""
+    if max(int(d.shape[0]) for d in decoders) > scale.hungarian_max_features:
+        return {"hungarian_stability": float("nan"), "hungarian_skipped": f"> {scale.hungarian_max_features} features"}
+    h = metrics.hungarian_stability(decoders)
+    return {"hungarian_stability": h["mean"], "hungarian_ci_low": h["ci_low"], "hungarian_ci_high": h["ci_high"]}
 
 
 def setting(scale: common.Scale, acts) -> dict[str, Any]:

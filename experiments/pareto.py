@@ -15,6 +15,7 @@ from typing import Any
 
 from experiments import common
 from experiments.intrinsic import table_run
+from saeens import ensemble
 
 NAME = "pareto"
 
@@ -26,7 +27,7 @@ def point_ensemble(scale: common.Scale, acts, method: str, k: int, progress: boo
         if method == "single":
             return ens, info
         equivalent = common.run_config(scale, acts.d_in, "topk", method, J, 0)  # what a J-member run costs
-        return common.prefix(ens, J), {**info, "sliced_from": scale.members, "train_seconds": float("nan"),
+        return ensemble.prefix(ens, J), {**info, "sliced_from": scale.members, "train_seconds": float("nan"),
                                        "train_flops": common.train_flops(equivalent)}
     Jm = 1 if method == "single" else J
     run = common.run_config(scale, acts.d_in, "topk", method, Jm, 0, k=k)

@@ -15,6 +15,7 @@ from typing import Any
 
 from experiments import common
 from saeens.config import SAEConfig
+from saeens.evals import intrinsic
 
 NAME = "sparsity_probe"
 TUNED = ("l1_coeff", "l0_coeff", "jumprelu_init_threshold", "jumprelu_bandwidth")
@@ -41,7 +42,7 @@ def probe(scale: common.Scale, acts, arch: str, overrides: tuple, progress: bool
         fit(rd, run, acts, progress=progress)
     ens, _ = load_ensemble(rd)
     logged = [json.loads(line) for line in (rd / "metrics.jsonl").read_text().splitlines()]
-    test = common.test_metrics(ens, acts)
+    test = intrinsic.run(ens, acts, intrinsic.IntrinsicConfig(connectivity=False)).to_dict()
     return {"arch": arch, "setting": ", ".join(f"{k}={v}" for k, v in overrides),
             "l0_train_last": logged[-1]["l0"], "step_last": logged[-1]["step"], "l0_test": test["l0"],
             "explained_variance": test["explained_variance"], "in_table_1": (arch, overrides) in common.OTHER_ARCHS}

@@ -40,12 +40,12 @@ METHODS = (("single", 1), ("expanded", None), ("bagging", None), ("boosting", No
 
 
 def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), progress: bool = True) -> dict[str, Any]:
-    from saeens.data.cache import ActivationCache, atomic_write_text
-    from saeens.data.corpora import load_corpus
-    from saeens.data.extract import build_cache
-    from saeens.evals.spliced import SplicedConfig, held_out_contexts, spliced_losses
+    from saeens.data.build import build_cache, held_out_contexts
+    from saeens.data.cache import ActivationCache
+    from saeens.evals.spliced import spliced_losses
     from saeens.evals.intrinsic import evaluate_ensemble
     from saeens.tables import format_table
+    from saeens.io.files import atomic_write_text
     from saeens.models import hook_name, load_model
     from saeens.plots import metric_bars, training_curves
     from saeens.train import fit
@@ -68,8 +68,7 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), progress: bool = T
     acts = ActivationCache(acts_dir)
     model, tokenizer = load_model(cfg.model)
     hook = hook_name(cfg.layer, "resid_post")
-    contexts = held_out_contexts(tokenizer, load_corpus(cfg.dataset), SplicedConfig(n_contexts=cfg.spliced_contexts,
-                                                                      context_length=cfg.context_length, seed=cfg.seed))
+    contexts = held_out_contexts(acts, tokenizer, cfg.spliced_contexts)
     rows, runs = [], {}
     for method, members in METHODS:
         J = members or cfg.members

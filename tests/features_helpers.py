@@ -11,7 +11,8 @@ import numpy as np
 from saeens import ensemble, sae
 from saeens.config import SAEConfig
 from saeens.data.corpora import Document
-from saeens.data.extract import cache_documents, model_acts_fn
+from saeens.data.build import cache_documents
+from saeens.data.extract import model_acts_fn
 from saeens.data.tokens import byte_tokenizer
 
 HOOK = "blocks.1.hook_resid_post"

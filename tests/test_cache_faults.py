@@ -16,7 +16,7 @@ import pytest
 
 from saeens.data import ActivationCache, byte_tokenizer, load_corpus
 from saeens.data.cache import CacheWriter
-from saeens.data.extract import cache_documents
+from saeens.data.build import cache_documents
 from saeens.errors import SaeensError
 from test_extract import fake_acts_fn  # the position-stamping embedding lookup those tests use
 

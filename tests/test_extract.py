@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from saeens.data import ActivationCache, Document, byte_tokenizer, load_corpus
-from saeens.data.extract import cache_documents, extract_to_cache
+from saeens.data.build import cache_documents
+from saeens.data.extract import extract_to_cache
 from saeens.data.tokens import iter_document_tokens, iter_packed, pack_documents
 from saeens.errors import SaeensError
 
@@ -198,7 +199,7 @@ def test_build_cache_end_to_end_with_a_tiny_random_model(tok, bbc, tmp_path, mon
     import jax
     from flax import nnx
 
-    from saeens.data import extract
+    from saeens.data import build
 
     cfg = models.ModelConfig(family="llama", vocab_size=257, d_model=16, n_layers=3, n_heads=2, n_kv_heads=1,
                              d_head=8, d_mlp=32, max_positions=64, name="tiny")
@@ -210,8 +211,8 @@ def test_build_cache_end_to_end_with_a_tiny_random_model(tok, bbc, tmp_path, mon
     model = models.build_model(cfg, params)
     monkeypatch.setattr(models, "load_model", lambda name: (model, tok))
     with pytest.raises(SaeensError, match="layer 3 but the model has 3 layers"):
-        extract.build_cache("tiny", 3, "resid_post", bbc[:60], 500, tmp_path / "bad", progress=False)
-    out = extract.build_cache("tiny", 1, "resid_post", bbc[:60], 500, tmp_path / "m", context_length=16,
+        build.build_cache("tiny", 3, "resid_post", bbc[:60], 500, tmp_path / "bad", progress=False)
+    out = build.build_cache("tiny", 1, "resid_post", bbc[:60], 500, tmp_path / "m", context_length=16,
                               batch_size=4, progress=False)
     cache = ActivationCache(out)
     meta = cache.meta

@@ -76,19 +76,25 @@ def test_bad_inputs(tiny_model):
         spliced_losses(tiny_model, ens, "blocks.9.hook_resid_post", TOKENS)
 
 
-def test_held_out_contexts_are_test_documents_of_a_mixture():
-    """Only test-split documents, every corpus of a mixture represented, deterministic in the seed."""
+def test_held_out_contexts_are_test_documents_of_a_mixture(tmp_path):
+    """Only the cache's test-split documents (its seed, test fraction and context length, read from
+    meta.json), every corpus of a mixture represented, deterministic; other documents are refused."""
+    from test_extract import fake_acts_fn
+
+    from saeens.data import ActivationCache, cache_documents, held_out_contexts
     from saeens.data.corpora import Document, split_documents
     from saeens.data.tokens import byte_tokenizer
-    from saeens.evals.spliced import SplicedConfig, held_out_contexts
 
     docs = [Document(f"{src}{i:03d}" * 4, None, f"{src}-{i}") for src in "ab" for i in range(200)]
-    cfg = SplicedConfig(n_contexts=6, context_length=40, test_fraction=0.2, seed=3)
     tok = byte_tokenizer()
-    ctx = held_out_contexts(tok, docs, cfg)
+    acts = ActivationCache(cache_documents(fake_acts_fn, tok, docs, 200, tmp_path / "acts", context_length=40,
+                                           test_fraction=0.2, seed=3, progress=False))
+    ctx = held_out_contexts(acts, tok, 6, docs)
     assert ctx.shape == (6, 40)
-    np.testing.assert_array_equal(ctx, held_out_contexts(tok, docs, cfg))
-    train, test = split_documents(docs, cfg.test_fraction, cfg.seed)
+    np.testing.assert_array_equal(ctx, held_out_contexts(acts, tok, 6, docs))
+    with pytest.raises(SaeensError, match="not the ones the cache"):
+        held_out_contexts(acts, tok, 6, docs[:-1])
+    train, test = split_documents(docs, 0.2, 3)
     rows = [tok.decode([int(t) for t in row if t != 0]) for row in ctx]
     whole = [d for d in docs if any(d.text in r for r in rows)]  # documents that fit whole in a row
     assert whole and all(d in test for d in whole) and not any(d.text in r for d in train for r in rows)

@@ -16,7 +16,8 @@ from saeens.data.corpora import (
     load_hub_dataset,
     split_documents,
 )
-from saeens.data.extract import build_cache, cache_documents, extract_to_cache, model_acts_fn
+from saeens.data.build import build_cache, cache_documents, held_out_contexts
+from saeens.data.extract import extract_to_cache, model_acts_fn
 from saeens.data.tokens import (
     PackedContexts,
     bos_token_id,
@@ -40,6 +41,7 @@ __all__ = [
     "cache_documents",
     "cache_from_array",
     "extract_to_cache",
+    "held_out_contexts",
     "iter_document_tokens",
     "iter_packed",
     "load_corpus",

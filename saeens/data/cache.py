@@ -14,7 +14,6 @@ the cache never has to fit in memory.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -23,30 +22,11 @@ from typing import Any
 import numpy as np
 
 from saeens.errors import SaeensError
+from saeens.io.files import atomic_save_npy, atomic_write_text
 
 FORMAT = "saeens-activations"
 VERSION = 1
 SPLITS = ("train", "test")
-
-
-def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write-then-rename so a reader (or a crash) never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def check_finite(acts_ND: np.ndarray, where: str) -> None:
@@ -151,8 +131,8 @@ class CacheWriter:
         assert buf is not None and n == self._fill[split]
         i = len(self.meta["shards"])
         entry = {"acts": f"acts_{i:05d}.npy", "tokens": f"tokens_{i:05d}.npy", "rows": int(n), "split": split}
-        _atomic_save_npy(self.out / entry["tokens"], buf[1][:n])
-        _atomic_save_npy(self.out / entry["acts"], buf[0][:n])
+        atomic_save_npy(self.out / entry["tokens"], buf[1][:n])
+        atomic_save_npy(self.out / entry["acts"], buf[0][:n])
         self._buf[split], self._fill[split] = None, 0  # give the buffer back to the OS
         self.meta["shards"].append(entry)
         self.meta["n_tokens"] += int(n)

@@ -1,9 +1,9 @@
-"""Token contexts -> model activations at one hook -> the on-disk activation cache (cache.py).
+"""Token contexts -> model activations at one hook -> rows of an activation cache (cache.py).
 
 The model is any `acts_fn(tokens_BT int32) -> acts_BTD` (a truncated, jitted transformer; a fake
 one in tests); `model_acts_fn` builds it from saeens.models. Contexts stream through in batches
 and rows go straight to `CacheWriter` shards, so peak memory is one batch + one shard, whatever
-n_tokens is.
+n_tokens is. Building a whole cache from a corpus (split, packing, resume) is data/build.py's.
 
 Layout recorded in meta.json (bos_dropped = true): each context of length T gives T-1 rows, its
 BOS position 0 is dropped (its norm is a huge outlier). Row r of a split's concatenated rows is
@@ -11,44 +11,25 @@ context r // (T-1), position 1 + r % (T-1); its token id is in the tokens_*.npy 
 contexts_<split>.npy (int32 [n_contexts, 2]) gives for each context (document index, token offset
 within that document of position 1), indices into documents_<split>.json (doc_id, label in packing
 order). Document separators (BOS, see tokens.py) inside a context are kept as rows.
-
-Resumable (`cache_documents`, `build_cache`, so `saeens cache`): meta.json records the request
-(model, hook, dataset, documents fingerprint, n_tokens, context length, seed, test fraction, shard
-rows, tokenizer) and is rewritten, complete: false, after every shard. Killed at any moment and run
-again with the same arguments on the same --out, the run keeps the listed shards (dropping temp
-files and unlisted shards), walks the deterministic packing past the rows already cached (a
-context cut by a shard boundary is recomputed, only its missing rows added) and ends with the
-cache an uninterrupted run writes. A complete cache of the same request is left alone; another
-request on the same directory is a one-line error.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import sys
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from saeens.data.cache import CacheWriter, atomic_write_text, read_meta
-from saeens.data.corpora import Document, load_corpus, split_documents
-from saeens.data.tokens import PackedContexts, iter_packed, tokenizer_name
+from saeens.data.cache import CacheWriter
+from saeens.data.corpora import Document
+from saeens.data.tokens import PackedContexts
 from saeens.errors import SaeensError
+from saeens.io.files import atomic_save_npy, atomic_write_text
 
 ActsFn = Callable[[np.ndarray], Any]  # int32 [B, T] -> float [B, T, D] (numpy or jax array)
 LAYOUT = "row r of a split = context r // (context_length - 1), position 1 + r % (context_length - 1); BOS rows dropped"
-
-
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-    os.replace(tmp, path)
 
 
 def _as_batches(contexts: Any, batch_size: int) -> Iterator[PackedContexts]:
@@ -218,7 +199,7 @@ def extract_to_cache(
             raise SaeensError(f"no {split} contexts to cache: the corpus is empty or shorter than one context")
         return 0
     ctx = np.concatenate(ctx_info) if ctx_info else np.zeros((0, 2), np.int32)
-    _save_npy(writer.out / f"contexts_{split}.npy", ctx.astype(np.int32))
+    atomic_save_npy(writer.out / f"contexts_{split}.npy", ctx.astype(np.int32))
     splits = writer.meta.setdefault("splits", {})
     entry = {"rows": int(written), "contexts": int(n_ctx), "contexts_file": f"contexts_{split}.npy"}
     if documents is not None:
@@ -246,181 +227,6 @@ def _record_layout(writer: CacheWriter, T: int, split: str) -> None:
     m["contexts_columns"] = ["document", "token_offset"]
 
 
-# ----------------------------------------------------------------------------- corpus -> cache
-
-
-def _resolve_documents(dataset: str | Sequence[Document], dataset_kwargs: dict[str, Any] | None) -> tuple[str, list[Document]]:
-    if isinstance(dataset, str):
-        return dataset, load_corpus(dataset, **(dataset_kwargs or {}))
-    docs = list(dataset)
-    if docs and not all(isinstance(d, Document) for d in docs):
-        raise SaeensError("dataset must be a corpus name or a list of saeens.data.Document: wrap texts in Document")
-    return "documents", docs
-
-
-def _fingerprint(docs: Sequence[Document]) -> str:
-    """Which documents, in which order (ids only: cheap), so a resumed run can tell a different corpus."""
-    h = hashlib.blake2b(digest_size=8)
-    for d in docs:
-        h.update(d.doc_id.encode())
-        h.update(b"\0")
-    return h.hexdigest()
-
-
-def _check_request(out: Path, request: dict[str, Any]) -> dict[str, Any] | None:
-    """The meta.json of a cache in `out` written by the same request (None: `out` is new or empty).
-    A cache of another request, or a directory with other files, is a one-line error."""
-    if not out.exists() or not any(p.suffix != ".tmp" for p in out.iterdir()):
-        return None
-    old = read_meta(out) if (out / "meta.json").is_file() else None
-    if old is None:
-        raise SaeensError(f"output directory {out} is not empty: choose a new --out or delete it first")
-    have = old.get("request")
-    if have is None:
-        raise SaeensError(f"{out} holds a cache written without its request parameters (cannot resume it): choose a new --out")
-    for k, v in request.items():
-        if k in have and have[k] != v:
-            raise SaeensError(
-                f"{out} holds a cache built with {k}={have[k]!r}, this run asks for {k}={v!r}: re-run with the "
-                f"same arguments to resume or reuse it, or choose a new --out"
-            )
-    return old
-
-
-def cache_documents(
-    acts_fn: ActsFn,
-    tokenizer: Any,
-    dataset: str | Sequence[Document],
-    n_tokens: int | None,
-    out: str | Path,
-    *,
-    context_length: int = 128,
-    batch_size: int = 32,
-    test_fraction: float = 0.1,
-    seed: int = 0,
-    d_in: int | None = None,
-    meta: dict[str, Any] | None = None,
-    dataset_kwargs: dict[str, Any] | None = None,
-    shard_rows: int = 65536,
-    progress: bool = True,
-) -> Path:
-    """The model-agnostic core of `build_cache`: split `dataset` by document, shuffle each split's
-    document order (seeded), pack each split separately and cache n_tokens train rows and
-    round(n_tokens * test_fraction / (1 - test_fraction)) test rows (test is that share of all
-    rows). n_tokens None: every full context of both splits. A corpus too small for the request
-    gives a complete, smaller cache and a warning (meta keeps n_tokens_requested).
-
-    Resumable: meta.json records the request (meta["request"]) and is rewritten after every shard.
-    Run again with the same arguments on the same `out`, an interrupted cache continues after
-    its last finished shard (the packing is deterministic, the rest is recomputed) and ends equal
-    to an uninterrupted one; a complete one is left as it is. Other arguments: a one-line error."""
-    if n_tokens is not None and n_tokens < 1:
-        raise SaeensError(f"--tokens must be positive, got {n_tokens}")
-    if context_length < 2:
-        raise SaeensError(f"context length {context_length} is too short: use at least 2 (BOS + one token)")
-    out = Path(out)
-    request = _request(meta, dataset, n_tokens, context_length, test_fraction, seed, shard_rows)
-    request["tokenizer"] = tokenizer_name(tokenizer)
-    given = not isinstance(dataset, str)  # a list of Documents: cheap to fingerprint now; a name: load it later
-    if given:
-        name, docs = _resolve_documents(dataset, dataset_kwargs)
-        request.update(documents=len(docs), documents_fingerprint=_fingerprint(docs))
-    if _check_request(out, request) is not None and _finished(out, progress):  # before loading a corpus
-        return out
-    if not given:
-        name, docs = _resolve_documents(dataset, dataset_kwargs)
-        request.update(documents=len(docs), documents_fingerprint=_fingerprint(docs))
-    if not docs:
-        raise SaeensError(f"dataset {name!r} has no documents: check the name, split and text column")
-    old = _check_request(out, request)
-    train, test = split_documents(docs, test_fraction, seed)
-    rng = np.random.default_rng(seed)
-    train = [train[i] for i in rng.permutation(len(train))]
-    test = [test[i] for i in rng.permutation(len(test))]
-    del docs
-    n_test = None if n_tokens is None else int(round(n_tokens * test_fraction / (1 - test_fraction)))
-    info = {
-        "model": None, "hook": None, "dataset": name, "context_length": int(context_length),
-        "tokenizer": tokenizer_name(tokenizer), "separator": "bos", "test_fraction": float(test_fraction),
-        "split_seed": int(seed), "n_tokens_requested": n_tokens, **(meta or {}), "request": request,
-    }
-    writer: CacheWriter | None = None
-    if old is not None:  # an interrupted run of the same request: continue after its last shard
-        writer = CacheWriter(out, int(old["d_in"]), info, shard_rows, resume=True)
-        if progress:
-            done = {s: writer.rows(s) for s in ("train", "test")}
-            print(f"resuming the cache in {out}: {done['train']} train and {done['test']} test rows already written",
-                  file=sys.stderr)
-    elif d_in is not None:
-        writer = CacheWriter(out, d_in, info, shard_rows)
-
-    def run(split: str, split_docs: list[Document], want: int | None) -> int:
-        nonlocal writer
-        if want == 0 or not split_docs:
-            return 0
-        max_ctx = None if want is None else -(-want // (context_length - 1))
-        batches = iter_packed(split_docs, tokenizer, context_length, batch_size, max_contexts=max_ctx)
-        if writer is None:  # learn d_in from the first batch, then continue with a writer
-            first = next(batches, None)
-            if first is None:
-                return 0
-            pad = np.repeat(first.tokens_NT[:1], batch_size - len(first), axis=0)  # the shape the loop uses
-            d = int(np.asarray(acts_fn(np.concatenate([first.tokens_NT, pad]))).shape[-1])
-            writer = CacheWriter(out, d, info, shard_rows)
-            batches = _chain(first, batches)
-        got = extract_to_cache(acts_fn, batches, writer, split, n_rows=want, batch_size=batch_size,
-                               documents=split_docs, progress=progress, skip_rows=writer.rows(split))
-        writer.flush(split)  # the split's last short shard now: shards never interleave splits, resumes are exact
-        return got
-
-    got_train = run("train", train, n_tokens)
-    if got_train == 0:
-        raise SaeensError(
-            f"dataset {name!r} gives no full context of {context_length} tokens for training: "
-            f"use a shorter --context-length or a larger dataset"
-        )
-    got_test = run("test", test, n_test)
-    assert writer is not None
-    for split, want, got in (("train", n_tokens, got_train), ("test", n_test, got_test)):
-        if want is not None and got < want:
-            warnings.warn(
-                f"dataset {name!r} gave only {got} {split} tokens of the {want} asked for at context length "
-                f"{context_length}: the cache holds {got}",
-                stacklevel=2,
-            )
-    return writer.close()
-
-
-def _request(meta: dict[str, Any] | None, dataset: Any, n_tokens: int | None, context_length: int,
-             test_fraction: float, seed: int, shard_rows: int) -> dict[str, Any]:
-    """The parameters that decide a cache's content (batch size does not), as meta.json records them."""
-    meta = meta or {}
-    return {
-        "model": meta.get("model"), "hook": meta.get("hook"),
-        "dataset": dataset if isinstance(dataset, str) else "documents",
-        "n_tokens": n_tokens, "context_length": int(context_length), "seed": int(seed),
-        "test_fraction": float(test_fraction), "shard_rows": int(shard_rows),
-    }
-
-
-def _finished(out: Path, progress: bool) -> bool:
-    old = read_meta(out)
-    if not old or not old.get("complete"):
-        return False
-    if progress:
-        print(f"the activation cache in {out} is already complete ({old['n_tokens']} rows): nothing to do",
-              file=sys.stderr)
-    return True
-
-
-def _chain(first: PackedContexts, rest: Iterable[PackedContexts]) -> Iterator[PackedContexts]:
-    yield first
-    yield from rest
-
-
-# ----------------------------------------------------------------------------- model -> cache
-
-
 def model_acts_fn(model: Any, hook: str) -> ActsFn:
     """acts_fn for a saeens.models Transformer: jitted, stops after the hook's layer."""
     from saeens.models import parse_hook, run_to_hook
@@ -429,41 +235,3 @@ def model_acts_fn(model: Any, hook: str) -> ActsFn:
     if cfg is not None:  # validate the hook now, not mid-run (without compiling anything)
         parse_hook(hook, cfg.n_layers, getattr(cfg, "parallel_residual", False))
     return lambda tokens_BT: run_to_hook(model, tokens_BT, hook)
-
-
-def build_cache(
-    model_name: str,
-    layer: int,
-    site: str,
-    dataset: str | Sequence[Document],
-    n_tokens: int | None,
-    out: str | Path,
-    *,
-    context_length: int = 128,
-    batch_size: int = 32,
-    test_fraction: float = 0.1,
-    seed: int = 0,
-    dataset_kwargs: dict[str, Any] | None = None,
-    shard_rows: int = 65536,
-    progress: bool = True,
-) -> Path:
-    """`saeens cache`: activations of `model_name` (a saeens.models name or path) at
-    blocks.{layer}.hook_{site} on `dataset` (a corpus name, see corpora.py, or Documents)."""
-    from saeens.models import hook_name, load_model
-
-    hook = hook_name(layer, site)
-    out = Path(out)
-    request = _request({"model": model_name, "hook": hook}, dataset, n_tokens, context_length, test_fraction, seed,
-                       shard_rows)
-    if _check_request(out, request) is not None and _finished(out, progress):  # before loading the model
-        return out
-    model, tokenizer = load_model(model_name)
-    acts_fn = model_acts_fn(model, hook)
-    cfg = getattr(model, "cfg", None)
-    meta = {"model": model_name, "hook": hook, "layer": int(layer), "site": hook.split(".hook_")[-1],
-            "tokenizer": getattr(tokenizer, "name_or_path", "") or f"{model_name} (its own tokenizer)"}
-    return cache_documents(
-        acts_fn, tokenizer, dataset, n_tokens, out, context_length=context_length, batch_size=batch_size,
-        test_fraction=test_fraction, seed=seed, d_in=getattr(cfg, "d_model", None), meta=meta,
-        dataset_kwargs=dataset_kwargs, shard_rows=shard_rows, progress=progress,
-    )

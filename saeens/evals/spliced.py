@@ -26,11 +26,10 @@ from saeens.errors import SaeensError
 
 @dataclasses.dataclass(frozen=True)
 class SplicedConfig:
+    """How much held-out text `spliced_metrics` measures; the contexts' length and split are the cache's."""
+
     n_contexts: int = 64
-    context_length: int = 128
     batch_size: int = 8
-    test_fraction: float = 0.1
-    seed: int = 0
 
 
 def _keep_bos(fn):
@@ -147,20 +146,12 @@ def spliced_losses(model, ens: Ensemble, hook: str, contexts_NT: np.ndarray, bat
     }
 
 
-def held_out_contexts(tokenizer, documents: list, cfg: SplicedConfig) -> np.ndarray:
-    """Held-out contexts: the test documents of the document split (seed, test fraction) that
-    `saeens cache` uses, in an order shuffled by the seed, so a mixture of corpora is sampled evenly."""
-    from saeens.data.corpora import split_documents
-    from saeens.data.tokens import pack_documents
-
-    _, test = split_documents(documents, cfg.test_fraction, cfg.seed)
-    order = np.random.default_rng(cfg.seed).permutation(len(test))
-    return pack_documents([test[i] for i in order], tokenizer, cfg.context_length, max_contexts=cfg.n_contexts).tokens_NT
-
-
-def spliced_metrics(run: str | Path, model_name: str, layer: int | None, dataset: str,
+def spliced_metrics(run: str | Path, acts, model_name: str, layer: int | None, dataset: str | None = None,
                     cfg: SplicedConfig = SplicedConfig(), progress: bool = True) -> dict[str, Any]:
-    """`saeens evaluate --model`: the run's hook (or blocks.<layer>.hook_resid_post) on `dataset`."""
+    """`saeens evaluate --model`: the run's hook (or blocks.<layer>.hook_resid_post) on the held-out
+    contexts of the cache `acts` (data.build.held_out_contexts); `dataset` names the corpus when the
+    cache does not record it."""
+    from saeens.data.build import held_out_contexts
     from saeens.data.corpora import load_corpus
     from saeens.models import hook_name, load_model
     from saeens.train import load_ensemble
@@ -174,5 +165,6 @@ def spliced_metrics(run: str | Path, model_name: str, layer: int | None, dataset
     if hook is None:
         raise SaeensError(f"the run in {run} does not record its hook: pass --layer L")
     model, tokenizer = load_model(model_name)
-    contexts = held_out_contexts(tokenizer, load_corpus(dataset), cfg)
+    documents = load_corpus(dataset) if dataset else None
+    contexts = held_out_contexts(acts, tokenizer, cfg.n_contexts, documents)
     return {"hook": hook, **spliced_losses(model, ens, hook, contexts, cfg.batch_size, progress)}
