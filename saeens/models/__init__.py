@@ -8,7 +8,8 @@ sites, and offline weight loading (HF safetensors directories, GGUF).
 
 from saeens.models.config import ModelConfig, from_hf_config
 from saeens.models.hooks import SITES, hook_name, parse_hook
-from saeens.models.loading import build_model, load_gguf, load_hf_dir
+from saeens.models.gguf import load_gguf
+from saeens.models.loading import build_model, load_hf_dir
 from saeens.models.registry import MODELS, known_models, load_model, package_file, resolve
 from saeens.models.run import logits, run_to_hook, run_with_cache, run_with_splice, token_nll
 from saeens.models.transformer import Transformer

@@ -110,7 +110,8 @@ def load_model(name_or_path: str, dtype=jnp.float32) -> tuple[Transformer, Any]:
     The tokenizer is a transformers tokenizer (for a GGUF: built from its metadata), or None for a
     directory without tokenizer files. Weights are stored in `dtype`; logits are always float32.
     """
-    from saeens.models.loading import load_gguf, load_hf_dir
+    from saeens.models.gguf import load_gguf
+    from saeens.models.loading import load_hf_dir
 
     kind, path = resolve(name_or_path)
     model, tokenizer = load_gguf(path, dtype) if kind == "gguf" else load_hf_dir(path, dtype)
