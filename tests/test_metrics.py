@@ -335,3 +335,78 @@ def test_evaluate_stream_rejects_bad_input():
         metrics.evaluate_stream(fwd, [np.ones((3, 4), np.float32), np.ones((3, 5), np.float32)], 4)
     with pytest.raises(ValueError, match="n_features"):
         metrics.evaluate_stream(fwd, [np.ones((3, 4), np.float32)], 7)
+
+
+# ---------------------------------------------------------------- constants pinned near their thresholds
+
+
+def test_dense_threshold_is_ten_percent_of_tokens():
+    """A latent firing on 10.5% of tokens is dense, one on 9.5% is not (batch and streamed)."""
+    N = 1000
+    codes_BF = np.zeros((N, 2), np.float32)
+    codes_BF[:105, 0] = 1.0
+    codes_BF[:95, 1] = 1.0
+    assert float(metrics.dense_fraction(codes_BF)) == 0.5
+    x_BD = np.random.default_rng(0).standard_normal((N, 3)).astype(np.float32)
+    streamed = metrics.evaluate_stream(lambda x: (x, jnp.asarray(codes_BF)[: x.shape[0]]), [x_BD], 2)
+    assert streamed["dense_fraction"] == 0.5
+
+
+def test_diversity_threshold_is_cosine_0_7():
+    """Two features at cosine 0.69 are both diverse; at 0.71 neither is."""
+    for cos, want in ((0.69, 2), (0.71, 0)):
+        W_FD = np.array([[1.0, 0.0], [cos, np.sqrt(1 - cos**2)]], np.float32)
+        assert int(metrics.diversity(W_FD)) == want, cos
+
+
+def test_stability_floors_a_negative_best_cosine_at_zero():
+    """Run a's e1 has only negative cosines to run b (best -0.707): it scores 0, not -0.707."""
+    r = np.sqrt(0.5)
+    a_FD = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    b_FD = np.array([[-r, r], [-1.0, 0.0]], np.float32)
+    scores = metrics.stability([a_FD, b_FD])["scores"]
+    np.testing.assert_allclose(scores, [r / 2, r / 2], rtol=1e-6)
+    np.testing.assert_allclose(scores, ref_stability([a_FD, b_FD]), rtol=1e-6)
+
+
+# ---------------------------------------------------------------- `saeens evaluate` end to end
+
+
+def test_saeens_evaluate_matches_a_numpy_recomputation(tmp_path):
+    """`saeens cache --from-npy` + `train` + `evaluate --json` against the definitions recomputed in
+    NumPy from the run's saved weights. Dimensions of very different scales make the paper's EV
+    (averaged over dimensions) far from the per-token EV; the test split is one chunk."""
+    import json
+
+    from saeens.cli import main
+    from saeens.train import load_ensemble
+
+    rng = np.random.default_rng(0)
+    scale_D = np.geomspace(0.1, 10.0, 8)
+    x_ND = (rng.standard_normal((2000, 8)) * scale_D + 3.0).astype(np.float32)
+    np.save(tmp_path / "x.npy", x_ND)
+    acts, run, out = tmp_path / "acts", tmp_path / "run", tmp_path / "eval.json"
+    assert main(["cache", "--from-npy", str(tmp_path / "x.npy"), "--out", str(acts), "--test-fraction", "0.25"]) == 0
+    assert main(["train", "--activations", str(acts), "--out", str(run), "--method", "bagging", "--members", "2",
+                 "--arch", "relu", "--width", "12", "--tokens", "1536", "--batch-size", "128", "--lr", "3e-3",
+                 "--quiet"]) == 0
+    assert main(["evaluate", str(run), "--activations", str(acts), "--json", str(out), "--quiet"]) == 0
+    got = json.loads(out.read_text())
+
+    ens, _ = load_ensemble(run)
+    p = {k: np.float64(v) for k, v in ens.params.items()}
+    w_J = np.float64(ens.weights)
+    x = np.float64(x_ND[1500:])  # the last quarter is the test split
+    codes_J = [np.maximum((x - p["b_dec"][j]) @ p["W_enc"][j] + p["b_enc"][j], 0.0) for j in range(2)]
+    codes = np.concatenate([w_J[j] * codes_J[j] for j in range(2)], axis=1)
+    x_hat = sum(w_J[j] * (codes_J[j] @ p["W_dec"][j] + p["b_dec"][j]) for j in range(2))
+    W_dec_FD = np.concatenate([p["W_dec"][0], p["W_dec"][1]])
+    want = {"mse": ref_mse(x, x_hat), "explained_variance": ref_ev_per_dim(x, x_hat),
+            "explained_variance_per_token": ref_ev_per_token(x, x_hat), "fvu": 1 - ref_ev_per_dim(x, x_hat),
+            "relative_reconstruction_bias": ref_gamma(x, x_hat), **ref_sparsity(codes),
+            "diversity": ref_diversity(W_dec_FD), "n_features": 24, "n_tokens": 500}
+    assert abs(want["explained_variance"] - want["explained_variance_per_token"]) > 0.05  # the two EVs differ here
+    assert 0 < want["dead_fraction"] + want["dense_fraction"] and want["l0"] > 0  # non-trivial sparsity numbers
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=2e-4, abs=1e-5), key
+    assert got["method"] == "bagging" and got["members"] == 2 and got["arch"] == "relu"

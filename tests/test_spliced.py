@@ -99,3 +99,33 @@ def test_held_out_contexts_are_test_documents_of_a_mixture(tmp_path):
     whole = [d for d in docs if any(d.text in r for r in rows)]  # documents that fit whole in a row
     assert whole and all(d in test for d in whole) and not any(d.text in r for d in train for r in rows)
     assert {"a", "b"} <= set("".join(rows))  # the corpus listed second is sampled too
+
+
+def test_saeens_evaluate_with_a_model_through_the_cli(tiny_model, tmp_path, monkeypatch):
+    """`saeens cache` + `train` + `evaluate --model`: the spliced losses are those of the cache's own
+    held-out contexts (its seed, test fraction and context length, none of them the defaults)."""
+    import json
+
+    from saeens.cli import main
+    from saeens.data import byte_tokenizer, load_corpus, pack_documents, split_documents
+    from saeens.train import load_ensemble
+
+    tok = byte_tokenizer()
+    monkeypatch.setattr(models, "load_model", lambda name: (tiny_model, tok))
+    acts, run, out = tmp_path / "acts", tmp_path / "run", tmp_path / "eval.json"
+    assert main(["cache", "--model", "tiny", "--layer", "1", "--dataset", "bbc-news", "--tokens", "600",
+                 "--context-length", "16", "--test-fraction", "0.3", "--seed", "4", "--out", str(acts)]) == 0
+    assert main(["train", "--activations", str(acts), "--out", str(run), "--method", "boosting", "--members", "2",
+                 "--arch", "relu", "--width", "12", "--tokens", "512", "--batch-size", "64", "--quiet"]) == 0
+    assert main(["evaluate", str(run), "--activations", str(acts), "--model", "tiny", "--json", str(out), "--quiet"]) == 0
+    got = json.loads(out.read_text())
+
+    _, test = split_documents(load_corpus("bbc-news"), 0.3, 4)
+    order = np.random.default_rng(4).permutation(len(test))
+    contexts = pack_documents([test[i] for i in order], tok, 16, max_contexts=64).tokens_NT
+    assert contexts.shape == (64, 16)
+    want = spliced_losses(tiny_model, load_ensemble(run)[0], HOOK, contexts)
+    assert got["hook"] == HOOK and got["spliced_tokens"] == 64 * 15
+    for key in ("ce_loss_clean", "ce_loss_spliced", "ce_loss_zero_ablation", "delta_lm_loss", "loss_recovered", "kl_div"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+    assert "explained_variance" in got  # the intrinsic metrics come along
