@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from saeens import __version__
+from saeens.demo import DemoConfig
 from saeens.errors import SaeensError
 from saeens.train_flags import add_train_args, train_config
+
+TRUE_FEATURES = "true_features.npy"  # the known dictionary beside a saeens synthetic cache
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("synthetic", help="write a cache of synthetic activations with known features")
+    p = sub.add_parser("synthetic", help="write a cache of synthetic activations with known features "
+                       "(saeens evaluate then reports how many it recovers)")
     p.add_argument("--out", required=True)
     p.add_argument("--d-in", type=int, default=64)
     p.add_argument("--features", type=int, default=256)
@@ -64,10 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="saelens", choices=("saelens",))
     p.add_argument("--out", required=True)
 
-    p = sub.add_parser("demo", help="cache SmolLM2-135M activations, train single/bagging/boosting SAEs, report")
-    p.add_argument("--out", default="saeens-demo", help="output directory (default: saeens-demo)")
-    p.add_argument("--cache-tokens", type=int, help="activation rows to cache (default 60000)")
-    p.add_argument("--train-tokens", type=int, help="training tokens per SAE / stage (default 240000)")
+    text = "cache SmolLM2-135M activations, train single, expanded, bagging and boosting TopK SAEs, report"
+    p = sub.add_parser("demo", help=text, description=text[0].upper() + text[1:] + " (a table and plots).")
+    p.add_argument("--out", help="output directory (default: $XDG_CACHE_HOME or ~/.cache, then saeens/demo)")
+    p.add_argument("--cache-tokens", type=int, help=f"activation rows to cache (default: {DemoConfig.cache_tokens})")
+    p.add_argument("--train-tokens", type=int, help=f"training tokens per SAE / stage (default: {DemoConfig.train_tokens})")
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("stability", help="feature stability across independently trained runs")
@@ -120,8 +125,21 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         from saeens.evals.spliced import spliced_metrics
 
         result.update(spliced_metrics(args.run, acts, args.model, args.layer, args.dataset, progress=not args.quiet))
+    truth = Path(args.activations) / TRUE_FEATURES
+    if truth.is_file():  # a saeens synthetic cache: how many of the known features the dictionary found
+        result["feature_recovery"] = _feature_recovery(args.run, truth)
     print_table([{"run": args.run, **result}])
     _write_json(args.json_out, result)
+
+
+def _feature_recovery(run: str, truth: Path) -> float:
+    import numpy as np
+
+    from saeens import ensemble
+    from saeens.synthetic import feature_recovery
+    from saeens.train import load_ensemble
+
+    return feature_recovery(np.load(truth), np.asarray(ensemble.decoder(load_ensemble(run)[0])))
 
 
 def cmd_stability(args: argparse.Namespace) -> None:
@@ -144,19 +162,33 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"exported {meta['method']} run to {out}")
 
 
-def cmd_cache(args: argparse.Namespace) -> None:
+def _load_activation_array(path: Path):
+    """An [n, d_in] float array from a .npy file (memory-mapped); other floats than float32 are
+    converted with a one-line note, anything else is refused with the fix."""
     import numpy as np
 
+    if not path.is_file():
+        raise SaeensError(f"{path} does not exist: pass an existing [n, d_in] .npy file")
+    try:
+        arr = np.load(path, mmap_mode="r")  # never unpickles: a pickle or a text file fails here
+    except (ValueError, OSError, EOFError):
+        raise SaeensError(f"{path} is not a numeric .npy array (a text or pickle file?): write it with numpy.save") from None
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise SaeensError(
+            f"{path} holds {arr.dtype} values, not floating-point activations: save them as float32 "
+            "(integer arrays are often token ids, not activations)"
+        )
+    if arr.dtype != np.float32:
+        print(f"note: {path} holds {arr.dtype} values; the cache stores them as float32", file=sys.stderr)
+    return arr
+
+
+def cmd_cache(args: argparse.Namespace) -> None:
     from saeens.data.cache import cache_from_array
 
     if args.from_npy:
         path = Path(args.from_npy)
-        if not path.is_file():
-            raise SaeensError(f"{path} does not exist: pass an existing [n, d_in] .npy file")
-        try:
-            arr = np.load(path, mmap_mode="r")
-        except ValueError as e:
-            raise SaeensError(f"{path} is not a readable .npy array ({e})") from None
+        arr = _load_activation_array(path)
         out = cache_from_array(arr, args.out, args.test_fraction, {"source": str(path.name)})
         print(f"cached {arr.shape[0]} rows of d_in={arr.shape[1]} in {out}")
         return
@@ -173,14 +205,13 @@ def cmd_cache(args: argparse.Namespace) -> None:
 
 
 def cmd_synthetic(args: argparse.Namespace) -> None:
-    import numpy as np
-
     from saeens.data.cache import cache_from_array
+    from saeens.io.files import atomic_save_npy
     from saeens.synthetic import make_synthetic
 
     syn = make_synthetic(args.tokens, args.d_in, args.features, args.active, args.noise, seed=args.seed)
     out = cache_from_array(syn.acts_ND, args.out, 0.1, {"model": "synthetic", "features": args.features})
-    np.save(out / "true_features.npy", syn.features_FD)
+    atomic_save_npy(out / TRUE_FEATURES, syn.features_FD)  # saeens evaluate reports their recovery
     print(f"synthetic cache ({args.tokens} rows, d_in={args.d_in}, {args.features} true features) in {out}")
 
 
@@ -196,14 +227,14 @@ def _write_json(path: str | None, obj: dict[str, Any]) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     import dataclasses
 
-    from saeens.demo import DemoConfig, run_demo
+    from saeens.demo import default_out, run_demo
 
     cfg = DemoConfig()
     if args.cache_tokens is not None:
         cfg = dataclasses.replace(cfg, cache_tokens=args.cache_tokens)
     if args.train_tokens is not None:
         cfg = dataclasses.replace(cfg, train_tokens=args.train_tokens)
-    run_demo(args.out, cfg, progress=not args.quiet)
+    run_demo(args.out or default_out(), cfg, progress=not args.quiet)
 
 
 def cmd_features(args: argparse.Namespace) -> None:
@@ -235,6 +266,8 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # saeens uses transformers only for tokenizers: its "PyTorch was not found" advice does not apply
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     logging.getLogger("absl").setLevel(logging.CRITICAL)  # orbax logs what our one-line error says
     try:
         COMMANDS[args.command](args)

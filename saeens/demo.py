@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,13 @@ class DemoConfig:
 METHODS = (("single", 1), ("expanded", None), ("bagging", None), ("boosting", None))
 
 
+def default_out() -> Path:
+    """The user's cache directory ($XDG_CACHE_HOME or ~/.cache)/saeens/demo: the demo writes
+    hundreds of MB, which do not belong in the current directory (inside a clone they would show
+    in git status)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "saeens" / "demo"
+
+
 def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), progress: bool = True) -> dict[str, Any]:
     from saeens.data.build import build_cache, held_out_contexts
     from saeens.data.cache import ActivationCache
@@ -60,6 +68,7 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), progress: bool = T
         raise SaeensError(f"{out} is not empty: pass a new --out (or delete it) to run the demo")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cfg_path, wanted)  # an interrupted demo resumes: the cache and every run do
+    print(f"writing the demo into {out.absolute()}")
     t0 = time.perf_counter()
     acts_dir = out / "acts"
     build_cache(cfg.model, cfg.layer, "resid_post", cfg.dataset, cfg.cache_tokens, acts_dir,
@@ -99,7 +108,8 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), progress: bool = T
     atomic_write_text(out / "results.md", f"# saeens demo: {cfg.model} {hook} on {cfg.dataset}\n\n{table}\n")
     metric_bars(rows, ["explained_variance", "l0", "delta_lm_loss", "diversity"], out / "metrics.png",
                 f"{cfg.model} {hook}: TopK k={cfg.k}, J={cfg.members}")
-    training_curves(runs, out / "training_mse.png")
+    training_curves(runs, out / "training_mse.png", reference={r["method"]: r["mse"] for r in rows},
+                    title="Training MSE per token, activation units (lower is better)")
     print(table)
-    print(f"results in {out}/results.json, results.md, metrics.png, training_mse.png")
+    print(f"results in {out.absolute()}: results.json, results.md, metrics.png, training_mse.png")
     return result

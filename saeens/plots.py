@@ -13,6 +13,33 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 
+# metric key -> (panel title, y-axis label, which way is better); keys not listed show as they are
+LABELS = {
+    "explained_variance": ("Explained variance", "fraction of the variance", "higher is better"),
+    "explained_variance_per_token": ("Explained variance per token", "mean over tokens", "higher is better"),
+    "fvu": ("Fraction of variance unexplained", "fraction of the variance", "lower is better"),
+    "mse": ("Reconstruction MSE", "squared error per token", "lower is better"),
+    "l0": ("L0: active latents per token", "latents", "lower is sparser"),
+    "dead_fraction": ("Dead latents", "fraction of the latents", "lower is better"),
+    "diversity": ("Diversity: features unlike all others", "features (cosine < 0.7 to every other)", "higher is better"),
+    "delta_lm_loss": ("LM loss increase when spliced", "nats per token", "lower is better"),
+    "loss_recovered": ("LM loss recovered", "fraction (1 = clean model)", "higher is better"),
+    "kl_div": ("KL(clean || spliced)", "nats per token", "lower is better"),
+    "stability": ("Stability across seeds", "mean max cosine", "higher is better"),
+    "connectivity": ("Connectivity", "fraction of latent pairs co-firing", "lower is better"),
+}
+
+
+def _labels(metric: str) -> tuple[str, str, str]:
+    return LABELS.get(metric, (metric, "", ""))
+
+
+def _title(metric: str) -> str:
+    """Panel title: the metric's name and, on a second line, which way is better."""
+    title, _, better = _labels(metric)
+    return f"{title}\n({better})" if better else title
+
+
 def _save(fig, out: Path, title: str = "") -> Path:
     """Title, layout, write the PNG and free the figure (pyplot keeps every open figure alive)."""
     if title:
@@ -22,30 +49,60 @@ def _save(fig, out: Path, title: str = "") -> Path:
     plt.close(fig)
     return out
 
+
 def metric_bars(rows: list[dict[str, Any]], metrics: list[str], out: Path, title: str = "") -> Path:
-    """One small bar chart per metric, one bar per row (method)."""
+    """One bar chart per metric, one bar per row (method), each bar labelled with its value."""
     names = [str(r["method"]) for r in rows]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 3.6), squeeze=False)
     for ax, m in zip(axes[0], metrics):
         vals = [float(r.get(m, float("nan"))) for r in rows]
-        ax.bar(names, vals, color=[f"C{i}" for i in range(len(names))])
-        ax.set_title(m, fontsize=9)
+        bars = ax.bar(names, vals, color=[f"C{i}" for i in range(len(names))])
+        ax.bar_label(bars, labels=[f"{v:.3g}" for v in vals], fontsize=7)
+        ax.margins(y=0.15)  # room for the value labels
+        ax.set_title(_title(m), fontsize=9)
+        ax.set_ylabel(_labels(m)[1], fontsize=8)
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+        ax.tick_params(axis="y", labelsize=7)
     return _save(fig, out, title)
 
 
-def training_curves(runs: dict[str, Path], out: Path, key: str = "mse") -> Path:
-    """The logged training `key` (metrics.jsonl) against step, one line per run."""
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for i, (name, run) in enumerate(runs.items()):
-        rows = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines() if line]
-        # dashes keep curves that coincide visible (boosting's first stage IS the single SAE)
-        ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=name, linestyle=("-", "--", "-.", ":")[i % 4])
-    ax.set_xlabel("step (boosting: all stages in sequence)")
-    ax.set_ylabel(f"training {key} (normalised units)")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    return _save(fig, out)
+def training_curves(runs: dict[str, Path], out: Path, reference: dict[str, float] | None = None,
+                    title: str = "") -> Path:
+    """The logged training MSE of each run in its own panel, in activation units.
+
+    Every metrics.jsonl row is the mean over the steps since the previous row, so it is drawn as a
+    flat segment over exactly that window (a short last window shows as a short segment, not as a
+    point). The log is in the run's scaled units: dividing by input_scale**2 (ensemble.json) gives
+    activation units, the unit of `saeens evaluate`'s mse; reference[name] (e.g. that held-out mse)
+    is drawn as a dotted line. Boosting rows carry their stage: boundaries are marked.
+    """
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(runs), figsize=(3.3 * len(runs), 3.4), squeeze=False, sharey=True)
+    units = set()
+    for i, (ax, (name, run)) in enumerate(zip(axes[0], runs.items())):
+        rows = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        meta_path = Path(run) / "ensemble.json"
+        scale = json.loads(meta_path.read_text()).get("input_scale") if meta_path.is_file() else None
+        units.add("activation units" if scale else "scaled training units")
+        edges = np.array([0] + [r["step"] for r in rows], float)
+        mse = np.array([r["mse"] for r in rows]) / (scale or 1.0) ** 2
+        ax.stairs(mse, edges, color=f"C{i}", linewidth=1.4, label="training (window means)")
+        stages = [r["stage"] for r in rows if "stage" in r]
+        for j in range(1, len(stages)):
+            if stages[j] != stages[j - 1]:
+                ax.axvline(edges[j], color="0.6", linestyle="--", linewidth=0.8)
+        if len(set(stages)) > 1:
+            ax.text(0.02, 0.02, f"dashed: {len(set(stages))} stage boundaries", transform=ax.transAxes, fontsize=7)
+        if reference and name in reference:
+            ax.axhline(reference[name], color="k", linestyle=":", linewidth=1.2, label="held-out (table)")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("training step", fontsize=8)
+        ax.set_yscale("log")
+        ax.tick_params(labelsize=7)
+    axes[0][0].set_ylabel(f"MSE per token ({' / '.join(sorted(units))})", fontsize=8)
+    axes[0][0].legend(fontsize=7, loc="upper right")
+    return _save(fig, out, title or "Training MSE (lower is better)")
 
 
 def _mean_err(row: dict[str, Any], key: str) -> tuple[float, float]:
@@ -80,7 +137,7 @@ def grouped_bars(rows: list[dict[str, Any]], metrics: list[str], out: Path, grou
                 errs.append(err)
             ax.bar(np.arange(len(groups)) + bi * width, vals, width, yerr=errs, label=b, color=f"C{bi}", capsize=2)
         ax.set_xticks(np.arange(len(groups)) + width * (len(bars) - 1) / 2, groups, fontsize=8)
-        ax.set_title(m, fontsize=9)
+        ax.set_title(_title(m), fontsize=9)
     axes[0][0].legend(fontsize=7)
     return _save(fig, out, title)
 
@@ -118,7 +175,7 @@ def curves_with_bands(series: dict[str, dict[str, dict[str, list[float]]]], metr
             from matplotlib.ticker import MaxNLocator
 
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(m, fontsize=9)
+        ax.set_title(_title(m), fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.tick_params(labelsize=7)
     for j in range(n, rows_ * cols):

@@ -116,7 +116,11 @@ def load_ensemble(run_dir: str | Path) -> tuple[Ensemble, dict[str, Any]]:
     run_dir = Path(run_dir)
     meta_path, weights_path = run_dir / ENSEMBLE_META, run_dir / ENSEMBLE_WEIGHTS
     if not meta_path.is_file() or not weights_path.is_file():
-        raise SaeensError(f"{run_dir} holds no finished run (no ensemble.json): train it with `saeens train --out {run_dir}`")
+        if (run_dir / "meta.json").is_file():
+            raise SaeensError(f"{run_dir} is an activation cache, not a run: pass the directory that `saeens train --out RUN` wrote")
+        if (run_dir / CONFIG).is_file():
+            raise SaeensError(f"{run_dir} holds an unfinished run: finish it by repeating its saeens train command")
+        raise SaeensError(f"{run_dir} holds no finished run (no ensemble.json): pass the directory that `saeens train --out RUN` wrote")
     meta = read_json(meta_path, "ensemble metadata", "retrain it into a new --out")
     try:
         arrays = load_file(str(weights_path))

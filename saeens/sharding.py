@@ -70,8 +70,9 @@ def make_mesh(ensemble: int, data: int, devices: Sequence[jax.Device] | None = N
     devices = list(jax.devices() if devices is None else devices)
     if ensemble * data != len(devices):
         raise SaeensError(
-            f"a mesh of ensemble={ensemble} x data={data} needs {ensemble * data} devices but {len(devices)} "
-            "are given: choose axis sizes whose product is the device count"
+            f"a mesh of ensemble={ensemble} x data={data} needs {ensemble * data} devices but "
+            f"{'1 device is' if len(devices) == 1 else f'{len(devices)} devices are'} given: choose axis sizes whose "
+            "product is the device count"
         )
     auto = (AxisType.Auto, AxisType.Auto)
     if given is None:

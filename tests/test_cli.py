@@ -274,3 +274,74 @@ def test_architecture_is_a_choice_on_the_command_line_and_checked_in_a_config_fi
     _fails(capsys, ["train", "--activations", str(acts), "--out", str(tmp_path / "r"), "--config", str(cfg)],
            "unknown architecture 'gated'", "topk")
     assert not (tmp_path / "r").exists()
+
+
+def test_export_of_a_cache_directory_says_what_to_pass(acts, tmp_path, capsys):
+    err = _fails(capsys, ["export", str(acts), "--out", str(tmp_path / "e")], "is an activation cache, not a run")
+    assert f"--out {acts}" not in err  # the old advice (train into the cache directory) would fail
+    _fails(capsys, ["export", str(tmp_path / "none"), "--out", str(tmp_path / "e")], "holds no finished run")
+
+
+def test_mesh_of_the_wrong_size_names_one_device_in_the_singular():
+    import jax
+
+    from saeens.errors import SaeensError
+    from saeens.sharding import make_mesh
+
+    with pytest.raises(SaeensError, match="needs 2 devices but 1 device is given"):
+        make_mesh(2, 1, devices=jax.devices()[:1])
+    with pytest.raises(SaeensError, match="but 3 devices are given"):
+        make_mesh(2, 1, devices=jax.devices()[:3])
+
+
+def test_npy_input_float16_is_converted_with_a_note_other_kinds_are_refused(tmp_path, capsys):
+    x = np.random.default_rng(0).normal(size=(40, 4))
+    np.save(tmp_path / "h.npy", x.astype(np.float16))
+    capsys.readouterr()
+    assert main(["cache", "--from-npy", str(tmp_path / "h.npy"), "--out", str(tmp_path / "h")]) == 0
+    assert "holds float16 values; the cache stores them as float32" in capsys.readouterr().err
+    np.testing.assert_array_equal(np.load(tmp_path / "h" / "acts_00000.npy"), x.astype(np.float16).astype(np.float32)[:36])
+    np.save(tmp_path / "i.npy", np.arange(40 * 4).reshape(40, 4))
+    _fails(capsys, ["cache", "--from-npy", str(tmp_path / "i.npy"), "--out", str(tmp_path / "i")], "int64", "float32")
+    (tmp_path / "t.npy").write_text("1 2 3\n4 5 6\n")
+    err = _fails(capsys, ["cache", "--from-npy", str(tmp_path / "t.npy"), "--out", str(tmp_path / "t")], "numpy.save")
+    assert "allow_pickle" not in err
+    assert not any((tmp_path / d).exists() for d in ("i", "t"))
+
+
+def test_evaluate_reports_recovery_of_the_synthetic_true_features(acts, run, tmp_path):
+    out = tmp_path / "e.json"
+    assert main(["evaluate", str(run), "--activations", str(acts), "--json", str(out), "--quiet"]) == 0
+    r = json.loads(out.read_text())["feature_recovery"]
+    from saeens import ensemble
+    from saeens.synthetic import feature_recovery
+    from saeens.train import load_ensemble
+
+    W = np.asarray(ensemble.decoder(load_ensemble(run)[0]))
+    assert r == pytest.approx(feature_recovery(np.load(acts / "true_features.npy"), W)) and 0 < r <= 1
+
+
+def test_demo_writes_to_the_user_cache_by_default_and_its_help_names_every_method(monkeypatch, tmp_path, capsys):
+    from saeens import demo
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert demo.default_out() == tmp_path / "xdg" / "saeens" / "demo"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert demo.default_out() == tmp_path / "home" / ".cache" / "saeens" / "demo"
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(m in text for m in ("single", "expanded", "bagging", "boosting")) and "~/.cache" in text
+
+
+def test_the_command_silences_transformers_torch_advice(tmp_path):
+    """saeens needs only transformers' tokenizers: its 'PyTorch was not found' advice is noise."""
+    import subprocess
+    import sys
+
+    code = ("import os; from saeens.cli import main; main(['stability', 'nope']); "
+            "print(os.environ.get('TRANSFORMERS_NO_ADVISORY_WARNINGS'))")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert r.stdout.strip().splitlines()[-1] == "1", r.stderr

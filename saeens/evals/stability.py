@@ -24,15 +24,13 @@ RANGES = {"stability": (0.0, 1.0), "hungarian_stability": (-1.0, 1.0)}  # stabil
 SHAPE_KEYS = ("arch", "width", "d_in")
 
 
-def run_identity(run: str | Path) -> dict[str, Any]:
+def run_identity(run: str | Path, meta: dict[str, Any]) -> dict[str, Any]:
     """What a run was trained as: seed, method, members, SAE shape and activation source.
 
-    Read from RUN/ensemble.json; runs written before it recorded seed and source fall back to
+    From its ensemble.json (meta); runs written before it recorded seed and source fall back to
     RUN/config.json (train.seed) and RUN/activations.json (the cache).
     """
     run = Path(run)
-    fix = f"train it with `saeens train --out {run}`"
-    meta = read_json(run / "ensemble.json", "finished run file", fix)
     config = _optional_json(run / "config.json")
     seed = meta.get("seed", config.get("train", {}).get("seed"))
     if seed is None:
@@ -85,9 +83,10 @@ def stability_of_runs(runs: list[str | Path]) -> dict[str, Any]:
     """Mean-max-cosine stability (and the Hungarian variant) of R runs that differ only by seed."""
     from saeens.train import load_ensemble
 
-    idents = [run_identity(r) for r in runs]
+    loaded = [load_ensemble(r) for r in runs]  # a directory that holds no finished run says so here
+    idents = [run_identity(r, meta) for r, (_, meta) in zip(runs, loaded)]
     check_comparable(idents)
-    decoders = [np.asarray(ensemble.decoder(load_ensemble(r)[0])) for r in runs]
+    decoders = [np.asarray(ensemble.decoder(ens)) for ens, _ in loaded]
     first = idents[0]
     out: dict[str, Any] = {
         "runs": [str(r) for r in runs],

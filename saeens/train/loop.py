@@ -148,6 +148,8 @@ def _train(
     ens = method.to_ensemble(state)
     if checkpoints.step_of(state) == method.n_steps and writer:
         info = {"model": source.get("model"), "hook": source.get("hook"), "source": source,
+                # metrics.jsonl is in scaled units: its mse / input_scale**2 is in activation units
+                "input_scale": float(np.ravel(jax.device_get(state.scale))[0]),
                 "train_seconds_last_session": time.perf_counter() - t0}
         runs.save_ensemble(run_dir, run, ens, info)
     return ens
