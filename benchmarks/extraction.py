@@ -193,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(res, indent=2)
     print(text)
     if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+        from saeens.io.files import atomic_write_text
+
+        atomic_write_text(args.json, text + "\n")
     return 0
 
 

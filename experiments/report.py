@@ -207,7 +207,7 @@ def summary(scale: common.Scale) -> str:
 
 
 def _replace_between(path, start: str, end: str, text: str) -> None:
-    from saeens.data.cache import atomic_write_text
+    from saeens.io.files import atomic_write_text
 
     s = path.read_text()
     if start in s and end in s:
@@ -217,7 +217,7 @@ def _replace_between(path, start: str, end: str, text: str) -> None:
 
 
 def main(scale: common.Scale, force: bool = False, progress: bool = True) -> str:
-    from saeens.data.cache import atomic_write_text
+    from saeens.io.files import atomic_write_text
 
     text = findings(scale)
     atomic_write_text(common.results_dir(scale) / "findings.md", "# Findings vs the paper\n\n" + text)

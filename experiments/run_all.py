@@ -38,7 +38,7 @@ def estimate(scale: common.Scale, d_in: int = 576) -> dict[str, float]:
 
 
 def main(scale: common.Scale, force: bool = False, progress: bool = True) -> None:
-    from saeens.data.cache import atomic_write_text
+    from saeens.io.files import atomic_write_text
 
     timings_path = common.results_dir(scale) / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
