@@ -37,8 +37,7 @@ def _as_batches(contexts: Any, batch_size: int) -> Iterator[PackedContexts]:
 
     def split_up(p: PackedContexts) -> Iterator[PackedContexts]:
         for lo in range(0, len(p), batch_size):
-            yield PackedContexts(p.tokens_NT[lo : lo + batch_size], p.doc_index_N[lo : lo + batch_size],
-                                 p.doc_offset_N[lo : lo + batch_size])
+            yield p.rows(lo, lo + batch_size)
 
     def wrap(x: Any) -> PackedContexts:
         if isinstance(x, PackedContexts):
@@ -68,6 +67,82 @@ def _locate_bad_row(acts_ND: np.ndarray, tokens_N: np.ndarray, row0: int, T: int
     )
 
 
+class _SplitRows:
+    """Book-keeping of one split while its contexts stream through: rows and contexts so far
+    (skipped ones included), and the (document, offset) of each context for contexts_<split>.npy."""
+
+    def __init__(self, split: str, n_rows: int | None, bar: Any):
+        self.split, self.n_rows, self.bar = split, n_rows, bar
+        self.T: int | None = None
+        self.written = self.n_ctx = 0
+        self.max_doc = -1
+        self.ctx_info: list[np.ndarray] = []  # [n, 2] per batch: 8 bytes per context, not per row
+
+    def context_length(self, batch: PackedContexts) -> int:
+        """The contexts' length, the same for every batch."""
+        T = int(batch.tokens_NT.shape[1])
+        if self.T is None and T < 2:
+            raise SaeensError(f"context length {T} leaves no rows after dropping BOS: use at least 2")
+        if self.T is not None and T != self.T:
+            raise SaeensError(f"contexts of lengths {self.T} and {T} mixed: pack them to one length")
+        self.T = T
+        return T
+
+    def full(self) -> bool:
+        return self.n_rows is not None and self.written >= self.n_rows
+
+    def account(self, batch: PackedContexts, rows: int) -> int:
+        """Count `rows` rows of the contexts of `batch` (capped by n_rows); returns the count."""
+        assert self.T is not None
+        rows = rows if self.n_rows is None else min(rows, self.n_rows - self.written)
+        used = batch.rows(None, -(-rows // (self.T - 1)))
+        self.ctx_info.append(np.stack([used.doc_index_N, used.doc_offset_N], axis=1))
+        if len(used):
+            self.max_doc = max(self.max_doc, int(used.doc_index_N.max()))
+        self.written += rows
+        self.n_ctx += len(used)
+        self.bar.update(rows)
+        return rows
+
+    def save(self, writer: CacheWriter, documents: Sequence[Document] | None) -> None:
+        """contexts_<split>.npy, documents_<split>.json (given the documents) and meta.json's entry."""
+        ctx = np.concatenate(self.ctx_info) if self.ctx_info else np.zeros((0, 2), np.int32)
+        atomic_save_npy(writer.out / f"contexts_{self.split}.npy", ctx.astype(np.int32))
+        entry = {"rows": int(self.written), "contexts": int(self.n_ctx), "contexts_file": f"contexts_{self.split}.npy"}
+        if documents is not None:
+            used = documents[: self.max_doc + 1]
+            atomic_write_text(
+                writer.out / f"documents_{self.split}.json",
+                json.dumps([{"doc_id": d.doc_id, "label": d.label, **dict(d.attributes)} for d in used]),
+            )
+            entry["documents_file"] = f"documents_{self.split}.json"
+            entry["documents"] = len(used)
+        writer.meta.setdefault("splits", {})[self.split] = entry
+
+
+def _write_batch(acts_future: Any, batch: PackedContexts, drop: int, rows: _SplitRows, writer: CacheWriter | None,
+                 new_writer: Callable[[int], CacheWriter]) -> CacheWriter:
+    """Materialise one batch's activations and write its rows but the first `drop` (already cached);
+    the first batch opens the writer (`new_writer(d_in)`)."""
+    acts_BTD = np.asarray(acts_future, dtype=np.float32)[: len(batch)]  # bf16 models: cast before the checks
+    if acts_BTD.ndim != 3 or acts_BTD.shape[:2] != batch.tokens_NT.shape:
+        raise SaeensError(
+            f"acts_fn returned shape {acts_BTD.shape} for tokens of shape {batch.tokens_NT.shape}: "
+            f"it must return [batch, context, d_in]"
+        )
+    d = acts_BTD.shape[2]
+    writer = writer if writer is not None else new_writer(d)
+    _record_layout(writer, rows.T, rows.split)
+    acts_ND = acts_BTD[:, 1:, :].reshape(-1, d)
+    toks_N = batch.tokens_NT[:, 1:].reshape(-1)
+    row0 = rows.written
+    keep = rows.account(batch, acts_ND.shape[0])
+    if keep > drop:
+        _locate_bad_row(acts_ND[drop:keep], toks_N[drop:keep], row0 + drop, rows.T, rows.split)
+        writer.add(acts_ND[drop:keep], toks_N[drop:keep], rows.split)
+    return writer
+
+
 def extract_to_cache(
     acts_fn: ActsFn,
     contexts: Any,
@@ -93,104 +168,59 @@ def extract_to_cache(
     contexts are already in the cache. Their contexts are still walked (the layout files list
     them) but not run through the model; a context cut by a shard boundary is run and only its
     missing rows are added."""
-    if isinstance(out, CacheWriter):
-        writer: CacheWriter | None = out
-        own = False
-    else:
+    writer = out if isinstance(out, CacheWriter) else None
+    if writer is None:
         out = Path(out)
         if out.exists() and any(out.iterdir()):  # the same check as CacheWriter, before any model work
             raise SaeensError(f"output directory {out} is not empty: choose a new --out or delete it first")
         if skip_rows:
             raise SaeensError("skip_rows needs an open CacheWriter (a resumed cache) as `out`")
-        writer, own = None, True
+    own = writer is None
     if batch_size < 1:
         raise SaeensError(f"batch size {batch_size} must be positive: use e.g. 32")
 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=n_rows, unit="tok", desc=f"caching {split}", disable=not progress, leave=False)
-    written, n_ctx, T = 0, 0, None  # rows and contexts of this split so far (skipped ones included)
-    ctx_info: list[np.ndarray] = []  # [n, 2] per batch: 8 bytes per context, not per row
-    max_doc = -1
+    rows = _SplitRows(split, n_rows, bar)
 
-    def account(batch: PackedContexts, rows: int) -> int:
-        """Book-keeping for `rows` rows of the contexts of `batch` (capped by n_rows); returns the count."""
-        nonlocal written, n_ctx, max_doc
-        rows = rows if n_rows is None else min(rows, n_rows - written)
-        used_ctx = -(-rows // (T - 1))
-        ctx_info.append(np.stack([batch.doc_index_N[:used_ctx], batch.doc_offset_N[:used_ctx]], axis=1))
-        if used_ctx:
-            max_doc = max(max_doc, int(batch.doc_index_N[:used_ctx].max()))
-        written += rows
-        n_ctx += used_ctx
-        bar.update(rows)
-        return rows
+    def new_writer(d: int) -> CacheWriter:
+        return CacheWriter(out, d, {"model": None, "hook": None, "context_length": rows.T, **(meta or {})}, shard_rows)
 
-    def drain(pending: tuple[Any, PackedContexts, int]) -> bool:
-        """Materialise one batch's activations and write its rows (but the first `drop`, already
-        cached); False once n_rows are written."""
-        nonlocal writer
-        acts_future, batch, drop = pending
-        b = len(batch)
-        acts_BTD = np.asarray(acts_future, dtype=np.float32)[:b]  # bf16 models: cast before the checks
-        if acts_BTD.ndim != 3 or acts_BTD.shape[:2] != batch.tokens_NT.shape:
-            raise SaeensError(
-                f"acts_fn returned shape {acts_BTD.shape} for tokens of shape {batch.tokens_NT.shape}: "
-                f"it must return [batch, context, d_in]"
-            )
-        d = acts_BTD.shape[2]
-        if writer is None:
-            info = {"model": None, "hook": None, "context_length": T, **(meta or {})}
-            writer = CacheWriter(out, d, info, shard_rows)
-        _record_layout(writer, T, split)
-        acts_ND = acts_BTD[:, 1:, :].reshape(-1, d)
-        toks_N = batch.tokens_NT[:, 1:].reshape(-1)
-        row0 = written
-        keep = account(batch, acts_ND.shape[0])
-        if keep > drop:
-            _locate_bad_row(acts_ND[drop:keep], toks_N[drop:keep], row0 + drop, T, split)
-            writer.add(acts_ND[drop:keep], toks_N[drop:keep], split)
-        return n_rows is None or written < n_rows
-
-    pending = None
+    pending = None  # (activations being computed, their batch, rows of it already cached)
     queued = 0  # rows of the contexts taken from `contexts` so far (skipped, dispatched or written)
     try:
-        if n_rows is None or n_rows > 0:
-            for batch in _as_batches(contexts, batch_size):
-                if T is None:
-                    T = int(batch.tokens_NT.shape[1])
-                    if T < 2:
-                        raise SaeensError(f"context length {T} leaves no rows after dropping BOS: use at least 2")
-                elif batch.tokens_NT.shape[1] != T:
-                    raise SaeensError(f"contexts of lengths {T} and {batch.tokens_NT.shape[1]} mixed: pack them to one length")
-                drop = max(0, skip_rows - queued)  # rows at the start of this batch already in the cache
-                if drop:
-                    assert writer is not None and pending is None  # skipped rows come before any computed one
-                    full = min(drop // (T - 1), len(batch))  # whole contexts already cached: layout only
-                    if full:
-                        head = PackedContexts(batch.tokens_NT[:full], batch.doc_index_N[:full], batch.doc_offset_N[:full])
-                        queued += account(head, full * (T - 1))
-                        _record_layout(writer, T, split)
-                        if n_rows is not None and written >= n_rows:
-                            break
-                        batch = PackedContexts(batch.tokens_NT[full:], batch.doc_index_N[full:], batch.doc_offset_N[full:])
-                        if not len(batch):
-                            continue
-                    drop = skip_rows - queued  # < T - 1: only part of the next context is cached
-                    if n_rows is not None and queued + drop >= n_rows:
-                        queued += account(batch, drop)  # the split's last, cut context is cached already
+        for batch in _as_batches(contexts, batch_size) if n_rows is None or n_rows > 0 else ():
+            T = rows.context_length(batch)
+            drop = max(0, skip_rows - queued)  # rows at the start of this batch already in the cache
+            if drop:
+                assert writer is not None and pending is None  # skipped rows come before any computed one
+                full = min(drop // (T - 1), len(batch))  # whole contexts already cached: layout only
+                if full:
+                    queued += rows.account(batch.rows(None, full), full * (T - 1))
+                    _record_layout(writer, T, split)
+                    if rows.full():
                         break
-                queued += len(batch) * (T - 1)
-                toks = batch.tokens_NT
-                if len(batch) < batch_size:  # pad to one shape: a jitted acts_fn compiles once
-                    toks = np.concatenate([toks, np.repeat(toks[:1], batch_size - len(batch), axis=0)])
-                future = acts_fn(toks)  # jax dispatches asynchronously: overlap with the previous write
-                if pending is not None and not drain(pending):
+                    batch = batch.rows(full)
+                    if not len(batch):
+                        continue
+                drop = skip_rows - queued  # < T - 1: only part of the next context is cached
+                if n_rows is not None and queued + drop >= n_rows:
+                    queued += rows.account(batch, drop)  # the split's last, cut context is cached already
+                    break
+            queued += len(batch) * (T - 1)
+            toks = batch.tokens_NT
+            if len(batch) < batch_size:  # pad to one shape: a jitted acts_fn compiles once
+                toks = np.concatenate([toks, np.repeat(toks[:1], batch_size - len(batch), axis=0)])
+            future = acts_fn(toks)  # jax dispatches asynchronously: overlap with the previous write
+            if pending is not None:
+                writer = _write_batch(*pending, rows, writer, new_writer)
+                if rows.full():
                     pending = None
                     break
-                pending = (future, batch, drop)
-            if pending is not None:
-                drain(pending)
+            pending = (future, batch, drop)
+        if pending is not None:
+            writer = _write_batch(*pending, rows, writer, new_writer)
     finally:
         bar.close()
 
@@ -198,22 +228,10 @@ def extract_to_cache(
         if own:
             raise SaeensError(f"no {split} contexts to cache: the corpus is empty or shorter than one context")
         return 0
-    ctx = np.concatenate(ctx_info) if ctx_info else np.zeros((0, 2), np.int32)
-    atomic_save_npy(writer.out / f"contexts_{split}.npy", ctx.astype(np.int32))
-    splits = writer.meta.setdefault("splits", {})
-    entry = {"rows": int(written), "contexts": int(n_ctx), "contexts_file": f"contexts_{split}.npy"}
-    if documents is not None:
-        used = documents[: max_doc + 1]
-        atomic_write_text(
-            writer.out / f"documents_{split}.json",
-            json.dumps([{"doc_id": d.doc_id, "label": d.label, **dict(d.attributes)} for d in used]),
-        )
-        entry["documents_file"] = f"documents_{split}.json"
-        entry["documents"] = len(used)
-    splits[split] = entry
+    rows.save(writer, documents)
     if own:
         writer.close()
-    return written
+    return rows.written
 
 
 def _record_layout(writer: CacheWriter, T: int, split: str) -> None:

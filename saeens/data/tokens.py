@@ -38,6 +38,10 @@ class PackedContexts:
     def __len__(self) -> int:
         return int(self.tokens_NT.shape[0])
 
+    def rows(self, lo: int | None = None, hi: int | None = None) -> "PackedContexts":
+        """Contexts lo:hi, with their provenance."""
+        return PackedContexts(self.tokens_NT[lo:hi], self.doc_index_N[lo:hi], self.doc_offset_N[lo:hi])
+
 
 def bos_token_id(tokenizer: Any) -> int:
     """The tokenizer's BOS id, else its EOS id (GPT-2 style tokenizers have one token for both)."""
