@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from saeens.errors import SaeensError
-from saeens.io.files import atomic_save_npy, atomic_write_text
+from saeens.io.files import atomic_save_npy, atomic_write_text, read_json
 
 FORMAT = "saeens-activations"
 VERSION = 1
@@ -153,11 +153,8 @@ def read_meta(path: str | Path) -> dict[str, Any] | None:
     f = Path(path) / "meta.json"
     if not f.is_file():
         return None
-    try:
-        meta = json.loads(f.read_text())
-    except json.JSONDecodeError:
-        raise SaeensError(f"{f} is corrupt: delete {Path(path)} and re-run `saeens cache`") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "shards" not in meta:
+    meta = read_json(f, "activation cache file", f"delete {Path(path)} and re-run `saeens cache`")
+    if meta.get("format") != FORMAT or "shards" not in meta:
         raise SaeensError(f"{f} is not a saeens activation cache: choose a new --out")
     return meta
 
@@ -205,10 +202,7 @@ class ActivationCache:
             raise SaeensError(
                 f"{self.path} is not an activation cache (no meta.json): create one with `saeens cache`"
             )
-        try:
-            self.meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError:
-            raise SaeensError(f"{meta_path} is corrupt: re-run `saeens cache` to rewrite the cache") from None
+        self.meta = read_json(meta_path, "activation cache file", "re-run `saeens cache` to rewrite the cache")
         if self.meta.get("format") != FORMAT or "shards" not in self.meta:
             raise SaeensError(f"{meta_path} is not a saeens activation cache: create one with `saeens cache`")
         self.d_in = int(self.meta["d_in"])
