@@ -123,10 +123,7 @@ def cache_documents(
     if not docs:
         raise SaeensError(f"dataset {name!r} has no documents: check the name, split and text column")
     old = _check_request(out, request)
-    train, test = split_documents(docs, test_fraction, seed)
-    rng = np.random.default_rng(seed)
-    train = [train[i] for i in rng.permutation(len(train))]
-    test = [test[i] for i in rng.permutation(len(test))]
+    train, test = shuffled_split(docs, test_fraction, seed)
     del docs
     n_test = None if n_tokens is None else int(round(n_tokens * test_fraction / (1 - test_fraction)))
     info = {
@@ -179,6 +176,14 @@ def cache_documents(
                 stacklevel=2,
             )
     return writer.close()
+
+
+def shuffled_split(docs: Sequence[Document], test_fraction: float, seed: int) -> tuple[list[Document], list[Document]]:
+    """(train, test) documents in the order a cache packs them: split by document, then each split's
+    order shuffled by the seed (train first), so a mixture of corpora is sampled evenly."""
+    train, test = split_documents(docs, test_fraction, seed)
+    rng = np.random.default_rng(seed)
+    return [train[i] for i in rng.permutation(len(train))], [test[i] for i in rng.permutation(len(test))]
 
 
 def _request(meta: dict[str, Any] | None, dataset: Any, n_tokens: int | None, context_length: int,
