@@ -3,19 +3,22 @@
 A dense TopK step costs ~12*d*m FLOPs per token (encoder, decoder and four backward products), but
 only the encoder matmul (2*d*m) is unavoidable: the decoder and every backward product involve just
 the k selected latents of each token. `sparse_loss` computes the same loss as `sae.loss` (topk and
-batchtopk, AuxK included) with a `jax.custom_vjp` whose backward pass never forms a dense [B, m]
-gradient matmul:
+batchtopk, AuxK included) with a `jax.custom_vjp` whose gradients never form a dense [B, m] product:
 
-  forward   pre = (x - b_dec) @ W_enc + b_enc        dense, the one unavoidable matmul
-            (vals, latents) = top-k of pre           N = B*k entries (row, latent, value)
-            x_hat = sum_entries relu(v) W_dec[latent] + b_dec      gather, chunked
-  backward  dW_dec[latent] += relu(v) g_xhat[row]                  scatter-add, chunked
-            dv = (g_xhat[row] . W_dec[latent]) * (v > 0)
-            dW_enc[:, latent] += dv (x - b_dec)[row];  db_enc[latent] += dv
-            db_dec = sum_b g_xhat[b] - W_enc @ db_enc              (no [B, m] product)
+  pre = (x - b_dec) @ W_enc + b_enc        dense, the one unavoidable matmul
+  (v, latents) = top-k of pre              saeens/topk.py (exact, block-pruned)
+  per entry (token b, latent l, value v), a = relu(v), g = d loss / d x_hat[b]:
+      x_hat[b] += a W_dec[l];   dW_dec[l] += a g;   dv = (g . W_dec[l]) [v > 0]
+      dW_enc[:, l] += dv (x - b_dec)[b];   db_enc[l] += dv
+  db_dec = sum_b g[b] - W_enc @ db_enc     (b_dec enters every pre-activation: no [B, m] product)
 
-The entries are processed in chunks of `chunk` entries inside a `lax.scan`, so no [B*k, d]
-intermediate is ever materialised (on CPU, allocating those costs more than the arithmetic).
+TopK keeps k entries per token, so a `lax.scan` over blocks of tokens does all of that in ONE pass:
+each block gathers its W_dec rows once, reconstructs its tokens, and at once forms g (a token's
+error depends on its own entries only) and scatters both weight gradients. The gradients are
+therefore computed in the forward pass of the custom_vjp (for a unit cotangent of the loss; the
+backward pass scales them) and no [B*k, d] intermediate exists beyond one block. BatchTopK's
+entries vary per token: a first scan over chunks of entries reconstructs, a second scatters the
+gradients.
 
 AuxK (Gao et al.): the top-k_aux DEAD latents of each token reconstruct the residual. Dead latents
 are compacted to the front (`dead_idx`) and processed in blocks of `aux_block` columns inside a
@@ -24,14 +27,10 @@ small dense [B, aux_block] products otherwise. When more than k_aux latents are 
 k_aux-th largest dead pre-activation (the selection threshold) is found by a blockwise running
 top-k merge. Under `jax.vmap` (bagging) the loops run max-over-members iterations.
 
-BatchTopK keeps the k*B largest pre-activations of the whole batch. A flat top-(k*B) over B*m
-values is slow on CPU, so the kernel takes each row's top-(4k) candidates, selects the batch top-k*B
-among them, and falls back to the exact flat top-k when some row had all its candidates kept
-(a `lax.while_loop` of 0 or 1 iterations, so under vmap it costs nothing unless a member needs it).
-
-Ties: an AuxK selection by threshold keeps every dead latent >= the k_aux-th largest value; it
-differs from `lax.top_k` only for exactly equal positive pre-activations (measure zero for real
-data). The kernel does not differentiate with respect to x (training never does): it raises if asked.
+Ties: an AuxK selection by threshold keeps every dead latent >= the k_aux-th largest value, and the
+block-pruned top-k may break exact ties differently from `lax.top_k`: both differ from the dense
+rule only for exactly equal pre-activations (measure zero for real data). The kernel does not
+differentiate with respect to x (training never does) nor through the returned codes: it raises.
 """
 
 from __future__ import annotations
@@ -43,6 +42,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
+from saeens import topk
 from saeens.config import SAEConfig
 from saeens.errors import SaeensError
 
@@ -50,7 +50,6 @@ Params = dict[str, jax.Array]
 
 CHUNK = 2048  # entries per scan step (64 tokens x k=32): keeps the gathered rows in cache
 AUX_BLOCK = 256  # dead latents per AuxK block
-BATCH_CANDIDATES = 4  # BatchTopK: each row offers its top (this * k) pre-activations
 
 
 class Spec(NamedTuple):
@@ -61,46 +60,15 @@ class Spec(NamedTuple):
     batch: bool  # BatchTopK (True) or per-token TopK
     chunk: int = CHUNK
     aux_block: int = AUX_BLOCK
+    select_block: int = topk.SELECT_BLOCK
 
 
-def spec_of(cfg: SAEConfig, chunk: int = CHUNK, aux_block: int = AUX_BLOCK) -> Spec:
+def spec_of(
+    cfg: SAEConfig, chunk: int = CHUNK, aux_block: int = AUX_BLOCK, select_block: int = topk.SELECT_BLOCK
+) -> Spec:
     if cfg.arch not in ("topk", "batchtopk"):
         raise ValueError(f"the sparse kernel covers topk and batchtopk, not {cfg.arch!r}: use kernel='dense'")
-    return Spec(cfg.k, cfg.k_aux, cfg.arch == "batchtopk", chunk, aux_block)
-
-
-# --------------------------------------------------------------------------- selection
-
-
-def select(pre_BM: jax.Array, k: int, batch: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(values_N, rows_N, latents_N) of the N = B*k kept pre-activations (not yet ReLU'd).
-
-    TopK: each row's k largest, row-major. BatchTopK: the k*B largest of the batch, grouped by row.
-    """
-    B, M = pre_BM.shape
-    if not batch:
-        vals_BK, idx_BK = jax.lax.top_k(pre_BM, k)
-        rows_BK = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, k))
-        return vals_BK.reshape(-1), rows_BK.reshape(-1), idx_BK.reshape(-1).astype(jnp.int32)
-    n = k * B
-    c = min(M, BATCH_CANDIDATES * k)
-    if c >= M:  # every pre-activation is a candidate: the flat top-k is the only way
-        vals, flat = jax.lax.top_k(pre_BM.reshape(-1), n)
-        rows, lats = flat // M, flat % M
-    else:
-        cv_BC, ci_BC = jax.lax.top_k(pre_BM, c)
-        vals, sel = jax.lax.top_k(cv_BC.reshape(-1), n)  # positions in the [B, c] candidates
-        rows, lats = sel // c, ci_BC.reshape(-1)[sel]
-        # exact unless some row had all c candidates kept (its (c+1)-th value might belong too)
-        need_exact = jnp.any(jnp.zeros((B,), jnp.int32).at[rows].add(1) >= c)
-
-        def exact(state):
-            v, f = jax.lax.top_k(pre_BM.reshape(-1), n)
-            return v, f // M, f % M, jnp.zeros((), bool)
-
-        vals, rows, lats, _ = jax.lax.while_loop(lambda st: st[3], exact, (vals, rows, lats, need_exact))
-    order = jnp.argsort(rows, stable=True)  # group the entries by token (locality of the decode)
-    return vals[order], rows[order].astype(jnp.int32), lats[order].astype(jnp.int32)
+    return Spec(cfg.k, cfg.k_aux, cfg.arch == "batchtopk", chunk, aux_block, select_block)
 
 
 def dense_codes(a_N: jax.Array, rows_N: jax.Array, lat_N: jax.Array, B: int, M: int) -> jax.Array:
@@ -109,53 +77,90 @@ def dense_codes(a_N: jax.Array, rows_N: jax.Array, lat_N: jax.Array, B: int, M: 
     return jnp.zeros((B, M), a_N.dtype).at[rows_N, lat_N].set(a_N, mode="promise_in_bounds")
 
 
-# --------------------------------------------------------------------------- chunked entry loops
+class _Grads(NamedTuple):
+    """The main (reconstruction) loss's gradients for a unit cotangent."""
+
+    W_dec: jax.Array  # [M, D]
+    W_enc_T: jax.Array  # [M, D]
+    dv_N: jax.Array  # d loss / d kept pre-activation
 
 
-def _chunked(n: int, chunk: int, *arrays: jax.Array) -> tuple[int, list[jax.Array]]:
-    """Pad [N] arrays with zeros to a multiple of the chunk and reshape to [n_chunks, chunk]."""
-    e = min(chunk, n)
-    pad = (-n) % e
-    out = [jnp.pad(a, (0, pad)).reshape(-1, e) for a in arrays]
-    return e, out
+# --------------------------------------------------------------------------- TopK: one pass over token blocks
 
 
-def _decode(a_N, rows_N, lat_N, W_dec_MD, B, chunk):
-    """sum over entries of a * W_dec[latent] into rows: [B, D] (without b_dec)."""
-    D = W_dec_MD.shape[1]
-    _, (a_CE, r_CE, l_CE) = _chunked(a_N.shape[0], chunk, a_N, rows_N, lat_N)
-
-    def body(acc_BD, t):
-        a_E, r_E, l_E = t
-        rows_ED = W_dec_MD.at[l_E].get(mode="promise_in_bounds") * a_E[:, None]
-        return acc_BD.at[r_E].add(rows_ED, mode="promise_in_bounds"), None
-
-    out, _ = jax.lax.scan(body, jnp.zeros((B, D), W_dec_MD.dtype), (a_CE, r_CE, l_CE))
-    return out
+def _blocks(n: int, size: int, *arrays: jax.Array) -> list[jax.Array]:
+    """Pad arrays along axis 0 with zeros to a multiple of size; reshape to [n_blocks, size, ...]."""
+    pad = (-n) % size
+    return [jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape(-1, size, *a.shape[1:]) for a in arrays]
 
 
-def _entries_backward(v_N, rows_N, lat_N, g_xhat_BD, g_a_N, xc_BD, W_dec_MD, chunk):
-    """Gradients of the kept entries: (dW_dec [M, D], dW_enc^T [M, D], dv_N)."""
+def _rows_pass(v_BK, lat_BK, xc_BD, W_dec_MD, chunk: int, grads: bool):
+    """TopK: the error xc - sum_k a W_dec[latent] [B, D] and (grads) the main loss's _Grads.
+
+    Padding tokens carry v = 0, so they add nothing to the gradients; their errors are sliced off.
+    """
+    B, K = v_BK.shape
     M, D = W_dec_MD.shape
-    n = v_N.shape[0]
-    _, (v_CE, r_CE, l_CE, ga_CE) = _chunked(n, chunk, v_N, rows_N, lat_N, g_a_N)
+    T = max(1, min(B, chunk // K))
+    v_NTK, l_NTK, xc_NTD = _blocks(B, T, v_BK, lat_BK, xc_BD)
 
     def body(acc, t):
-        dWd_MD, dWeT_MD = acc
-        v_E, r_E, l_E, ga_E = t
-        on_E = v_E > 0
-        a_E = jnp.where(on_E, v_E, 0)
-        g_ED = g_xhat_BD.at[r_E].get(mode="promise_in_bounds")
+        v_TK, l_TK, xc_TD = t
+        a_TK = jax.nn.relu(v_TK)
+        W_TKD = W_dec_MD.at[l_TK].get(mode="promise_in_bounds")
+        err_TD = xc_TD - jnp.einsum("tk,tkd->td", a_TK, W_TKD)
+        if not grads:
+            return acc, (err_TD, None)
+        g_TD = (-2.0 / B) * err_TD
+        dv_TK = jnp.where(v_TK > 0, jnp.einsum("td,tkd->tk", g_TD, W_TKD), 0)
+        l_E = l_TK.reshape(-1)
+        dWd_MD = acc[0].at[l_E].add((a_TK[:, :, None] * g_TD[:, None]).reshape(-1, D), mode="promise_in_bounds")
+        dWeT_MD = acc[1].at[l_E].add((dv_TK[:, :, None] * xc_TD[:, None]).reshape(-1, D), mode="promise_in_bounds")
+        return (dWd_MD, dWeT_MD), (err_TD, dv_TK)
+
+    acc0 = (jnp.zeros((M, D), W_dec_MD.dtype),) * 2 if grads else ()
+    acc, (err_NTD, dv_NTK) = jax.lax.scan(body, acc0, (v_NTK, l_NTK, xc_NTD))
+    err_BD = err_NTD.reshape(-1, D)[:B]
+    if not grads:
+        return err_BD, None
+    return err_BD, _Grads(acc[0], acc[1], dv_NTK.reshape(-1)[: B * K])
+
+
+# --------------------------------------------------------------------------- BatchTopK: entry chunks
+
+
+def _entries_pass(v_N, rows_N, lat_N, xc_BD, W_dec_MD, chunk: int, grads: bool):
+    """BatchTopK (entries grouped by token): the error [B, D] and (grads) the main loss's _Grads."""
+    B, D = xc_BD.shape
+    M = W_dec_MD.shape[0]
+    n = v_N.shape[0]
+    E = min(chunk, n)
+    v_CE, r_CE, l_CE = _blocks(n, E, v_N, rows_N, lat_N)  # padding entries: v = 0 adds nothing
+
+    def decode(acc_BD, t):
+        v_E, r_E, l_E = t
+        rows_ED = W_dec_MD.at[l_E].get(mode="promise_in_bounds") * jax.nn.relu(v_E)[:, None]
+        return acc_BD.at[r_E].add(rows_ED, mode="promise_in_bounds"), None
+
+    x_hat_BD, _ = jax.lax.scan(decode, jnp.zeros((B, D), W_dec_MD.dtype), (v_CE, r_CE, l_CE))
+    err_BD = xc_BD - x_hat_BD
+    if not grads:
+        return err_BD, None
+    g_BD = (-2.0 / B) * err_BD
+
+    def backward(acc, t):
+        v_E, r_E, l_E = t
+        g_ED = g_BD.at[r_E].get(mode="promise_in_bounds")
         W_ED = W_dec_MD.at[l_E].get(mode="promise_in_bounds")
-        dv_E = jnp.where(on_E, jnp.sum(g_ED * W_ED, axis=-1) + ga_E, 0)
+        dv_E = jnp.where(v_E > 0, jnp.sum(g_ED * W_ED, axis=-1), 0)
         xc_ED = xc_BD.at[r_E].get(mode="promise_in_bounds")
-        dWd_MD = dWd_MD.at[l_E].add(a_E[:, None] * g_ED, mode="promise_in_bounds")
-        dWeT_MD = dWeT_MD.at[l_E].add(dv_E[:, None] * xc_ED, mode="promise_in_bounds")
+        dWd_MD = acc[0].at[l_E].add(jax.nn.relu(v_E)[:, None] * g_ED, mode="promise_in_bounds")
+        dWeT_MD = acc[1].at[l_E].add(dv_E[:, None] * xc_ED, mode="promise_in_bounds")
         return (dWd_MD, dWeT_MD), dv_E
 
     zeros = jnp.zeros((M, D), W_dec_MD.dtype)
-    (dWd, dWeT), dv_CE = jax.lax.scan(body, (zeros, zeros), (v_CE, r_CE, l_CE, ga_CE))
-    return dWd, dWeT, dv_CE.reshape(-1)[:n]
+    (dWd, dWeT), dv_CE = jax.lax.scan(backward, (zeros, zeros), (v_CE, r_CE, l_CE))
+    return err_BD, _Grads(dWd, dWeT, dv_CE.reshape(-1)[:n])
 
 
 # --------------------------------------------------------------------------- AuxK on dead blocks
@@ -245,38 +250,46 @@ def _aux_backward(xc_BD, W_enc_DM, b_enc_M, W_dec_MD, dead: _Dead, thr_B, g_eh_B
 # --------------------------------------------------------------------------- the custom_vjp
 
 
-def _forward(spec: Spec, W_enc, b_enc, W_dec, b_dec, x_BD, dead_M):
+def _forward(spec: Spec, W_enc, b_enc, W_dec, b_dec, x_BD, dead_M, grads: bool):
     B = x_BD.shape[0]
     M = W_dec.shape[0]
     xc_BD = x_BD - b_dec
     pre_BM = xc_BD @ W_enc + b_enc
-    v_N, rows_N, lat_N = select(pre_BM, spec.k, spec.batch)
-    a_N = jax.nn.relu(v_N)
-    x_hat_BD = _decode(a_N, rows_N, lat_N, W_dec, B, spec.chunk) + b_dec
-    err_BD = x_BD - x_hat_BD
-    mse = jnp.mean(jnp.sum(err_BD**2, axis=-1))
+    if spec.batch:
+        v_N, rows_N, lat_N = topk.batch_top_k(pre_BM, spec.k, spec.select_block)
+        err_BD, main = _entries_pass(v_N, rows_N, lat_N, xc_BD, W_dec, spec.chunk, grads)
+    else:
+        v_BK, lat_BK = topk.row_top_k(pre_BM, spec.k, spec.select_block)
+        err_BD, main = _rows_pass(v_BK, lat_BK, xc_BD, W_dec, spec.chunk, grads)
+        v_N, lat_N = v_BK.reshape(-1), lat_BK.reshape(-1)
+        rows_N = jnp.repeat(jnp.arange(B, dtype=jnp.int32), spec.k)
+    mse = jnp.sum(err_BD**2) / B
     blk = min(spec.aux_block, M)
     dead = _dead_blocks(dead_M, blk)
     thr_B = _aux_threshold(xc_BD, W_enc, b_enc, dead, spec.k_aux, blk)
     err_hat_BD = _aux_forward(xc_BD, W_enc, b_enc, W_dec, dead, thr_B, blk)
-    total_var = jnp.float32(x_BD.shape[0])  # AuxK on the main loss's scale: mean over tokens (sae.auxk_loss)
+    total_var = jnp.float32(B)  # AuxK on the main loss's scale: mean over tokens (sae.auxk_loss)
     diff_BD = err_hat_BD - err_BD  # the target err is a constant (stop_gradient in sae.auxk_loss)
     auxk = jnp.where(dead.n > 0, jnp.sum(diff_BD**2) / total_var, 0.0)
-    out = (mse, auxk, a_N, rows_N, lat_N)
-    res = (W_enc, b_enc, W_dec, xc_BD, err_BD, diff_BD, total_var, dead, thr_B, v_N, rows_N, lat_N)
+    out = (mse, auxk, jax.nn.relu(v_N), rows_N, lat_N)
+    if not grads:
+        return out, None
+    dbe_M = jnp.zeros((M,), W_dec.dtype).at[lat_N].add(main.dv_N, mode="promise_in_bounds")
+    sum_g_D = (-2.0 / B) * jnp.sum(err_BD, axis=0)
+    res = (W_enc, b_enc, W_dec, xc_BD, diff_BD, total_var, dead, thr_B, main.W_dec, main.W_enc_T, dbe_M, sum_g_D)
     return out, res
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _core(spec: Spec, W_enc, b_enc, W_dec, b_dec, x_BD, dead_M):
     """(mse, raw AuxK loss, relu'd kept values a_N, rows_N, latents_N)."""
-    return _forward(spec, W_enc, b_enc, W_dec, b_dec, x_BD, dead_M)[0]
+    return _forward(spec, W_enc, b_enc, W_dec, b_dec, x_BD, dead_M, grads=False)[0]
 
 
 def _core_fwd(spec, W_enc, b_enc, W_dec, b_dec, x_BD, dead_M):
     if x_BD.perturbed:
         raise SaeensError("the sparse SAE kernel does not differentiate w.r.t. the input x: use kernel='dense'")
-    return _forward(spec, W_enc.value, b_enc.value, W_dec.value, b_dec.value, x_BD.value, dead_M.value)
+    return _forward(spec, W_enc.value, b_enc.value, W_dec.value, b_dec.value, x_BD.value, dead_M.value, grads=True)
 
 
 def _zero_or(g, like):
@@ -284,20 +297,17 @@ def _zero_or(g, like):
 
 
 def _core_bwd(spec, res, cts):
-    W_enc, b_enc, W_dec, xc_BD, err_BD, diff_BD, total_var, dead, thr_B, v_N, rows_N, lat_N = res
+    W_enc, b_enc, W_dec, xc_BD, diff_BD, total_var, dead, thr_B, dWd, dWeT, dbe, sum_g_D = res
     g_mse, g_aux, g_a = cts[0], cts[1], cts[2]
-    B = xc_BD.shape[0]
-    M = W_dec.shape[0]
+    if not isinstance(g_a, SymbolicZero):
+        raise SaeensError("the sparse SAE kernel's codes carry no gradient: use kernel='dense' to differentiate them")
     g_mse = _zero_or(g_mse, total_var)
     g_aux = _zero_or(g_aux, total_var)
-    g_a_N = _zero_or(g_a, v_N)
-    g_xhat_BD = (-2.0 / B) * g_mse * err_BD
-    dWd, dWeT, dv_N = _entries_backward(v_N, rows_N, lat_N, g_xhat_BD, g_a_N, xc_BD, W_dec, spec.chunk)
-    dbe = jnp.zeros((M,), W_dec.dtype).at[lat_N].add(dv_N, mode="promise_in_bounds")
+    acc = (g_mse * dWd, g_mse * dWeT, g_mse * dbe)
     g_eh_BD = jnp.where(dead.n > 0, 2.0 * g_aux / total_var, 0.0) * diff_BD
-    blk = min(spec.aux_block, M)
-    dWd, dWeT, dbe = _aux_backward(xc_BD, W_enc, b_enc, W_dec, dead, thr_B, g_eh_BD, blk, (dWd, dWeT, dbe))
-    db_dec = jnp.sum(g_xhat_BD, axis=0) - W_enc @ dbe  # d pre / d b_dec = -W_enc^T, summed over tokens
+    blk = min(spec.aux_block, W_dec.shape[0])
+    dWd, dWeT, dbe = _aux_backward(xc_BD, W_enc, b_enc, W_dec, dead, thr_B, g_eh_BD, blk, acc)
+    db_dec = g_mse * sum_g_D - W_enc @ dbe  # d pre / d b_dec = -W_enc^T, summed over tokens
     return dWeT.T, dbe, dWd, db_dec, None, None
 
 
@@ -313,7 +323,7 @@ def sparse_loss(
     """`sae.loss` for topk/batchtopk through the sparse kernel: same value, same gradients.
 
     aux: mse, sparsity_loss (aux_coeff * AuxK), codes ([B, M], a stop-gradient scatter of the kept
-    values: XLA drops it when unused), and the cheap summaries train.update needs: fired [M]
+    values: XLA drops it when unused), and the cheap summaries a train step needs: fired [M]
     (latent fired in this batch), l0 (mean kept codes > 0 per token), min_kept (smallest positive
     kept code; inf if none), plus the sparse codes themselves (code_vals, code_rows, code_latents).
     """

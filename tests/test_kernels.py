@@ -1,14 +1,17 @@
-"""Sparse TopK/BatchTopK kernel == the dense sae.loss: value, every gradient, under vmap, in training."""
+"""Sparse TopK/BatchTopK kernel == the dense sae.loss: value, every gradient, under vmap, in training;
+the block-pruned top-k selects what lax.top_k selects."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saeens import bagging, boosting, kernels, sae, train
+from saeens import kernels, sae, topk
 from saeens.config import SAEConfig, TrainConfig
 from saeens.errors import SaeensError
 from saeens.optim import make_optimizer
+from saeens.train import bagging, boosting
+from saeens.train.step import init_state, make_step
 
 D, M, B = 8, 48, 20
 
@@ -28,8 +31,9 @@ def _dead(n, seed=0, width=M):
     return jnp.zeros((width,), bool).at[perm].set(True)
 
 
-# small chunks and AuxK blocks so that padding, several chunks and several dead blocks are exercised
-SMALL = dict(chunk=16, aux_block=8)
+# small chunks, AuxK blocks and selection blocks: padding, several chunks, several dead blocks and
+# the two-stage top-k are exercised
+SMALL = dict(chunk=16, aux_block=8, select_block=4)
 
 
 def _dense(p, cfg, x, dead):
@@ -102,6 +106,53 @@ def test_matches_dense_under_vmap(arch):
         _assert_same(pick(dense), pick(sparse), f"{arch} member {j}")
 
 
+def test_loss_without_gradients_matches_dense():
+    for arch in ("topk", "batchtopk"):
+        cfg, p, x = _setup(arch)
+        dead = _dead(30)
+        (ld, ad), _ = _dense_j(p, cfg, x, dead)
+        ls, as_ = jax.jit(lambda q: kernels.sparse_loss(q, cfg, x, dead, kernels.spec_of(cfg, **SMALL)))(p)
+        np.testing.assert_allclose(ls, ld, rtol=1e-5, err_msg=arch)
+        np.testing.assert_array_equal(as_["codes"], ad["codes"], err_msg=arch)
+
+
+def test_refuses_to_differentiate_the_codes():
+    cfg, p, x = _setup("topk")
+    dead = _dead(0)
+    with pytest.raises(SaeensError):
+        jax.grad(lambda q: _core_codes_sum(q, cfg, x, dead))(p)
+
+
+def _core_codes_sum(q, cfg, x, dead):
+    out = kernels._core(kernels.spec_of(cfg), q["W_enc"], q["b_enc"], q["W_dec"], q["b_dec"], x, dead)
+    return jnp.sum(out[2])
+
+
+@pytest.mark.parametrize("B_,M_,k,block", [(33, 64, 4, 4), (9, 70, 3, 8), (16, 4608, 32, 16), (6, 10, 3, 16)])
+def test_row_top_k_selects_what_lax_top_k_selects(B_, M_, k, block):
+    # (9, 70): 70 % 8 latents past the last whole block; (6, 10): too narrow to prune, plain top-k
+    pre = jnp.asarray(np.random.default_rng(B_).normal(size=(B_, M_)), jnp.float32)
+    vals, idx = jax.jit(topk.row_top_k, static_argnums=(1, 2))(pre, k, block)
+    ref_vals, ref_idx = jax.lax.top_k(pre, k)
+    np.testing.assert_array_equal(np.sort(idx, axis=1), np.sort(ref_idx, axis=1))
+    np.testing.assert_array_equal(np.sort(vals, axis=1), np.sort(ref_vals, axis=1))
+    assert idx.dtype == jnp.int32
+
+
+def test_batch_top_k_selects_the_batch_largest():
+    pre = jnp.asarray(np.random.default_rng(0).normal(size=(24, 96)), jnp.float32)
+    pre = pre.at[3].multiply(20.0)  # row 3 owns more than its candidates: the exact fallback runs
+    for p_ in (pre, pre / jnp.abs(pre).max(axis=1, keepdims=True)):
+        vals, rows, lats = jax.jit(topk.batch_top_k, static_argnums=(1, 2))(p_, 2, 4)
+        ref = np.zeros(p_.size, bool)
+        ref[np.argsort(-np.asarray(p_).reshape(-1))[: 2 * p_.shape[0]]] = True
+        got = np.zeros(p_.shape, bool)
+        got[np.asarray(rows), np.asarray(lats)] = True
+        np.testing.assert_array_equal(got, ref.reshape(p_.shape))
+        assert np.all(np.diff(np.asarray(rows)) >= 0)  # grouped by token
+        np.testing.assert_array_equal(vals, np.asarray(p_)[np.asarray(rows), np.asarray(lats)])
+
+
 def test_refuses_to_differentiate_the_input():
     cfg, p, x = _setup("topk")
     with pytest.raises(SaeensError):
@@ -118,8 +169,8 @@ def _train(arch, kernel, method="single", steps=6, J=2):
     data = rng.normal(size=(steps, 64, D)).astype(np.float32)
     key = jax.random.key(3)
     if method == "single":
-        state = train.init_state(key, cfg, tcfg, jnp.asarray(data[0]), opt)
-        step = jax.jit(train.make_step(cfg, opt))
+        state = init_state(key, cfg, tcfg, jnp.asarray(data[0]), opt)
+        step = jax.jit(make_step(cfg, opt))
     elif method == "bagging":
         state = bagging.init_members(key, cfg, tcfg, jnp.asarray(data[0]), J, opt)
         step = jax.jit(bagging.make_bagging_step(cfg, opt))
