@@ -51,7 +51,7 @@ SCRIPT = """<script>
       rows.forEach(function(r){body.appendChild(r);});
     });
   });
-  Object.keys(f).forEach(function(k){f[k].addEventListener('input',apply);});
+  Object.keys(f).forEach(function(k){['input','change'].forEach(function(e){f[k].addEventListener(e,apply);});});
   apply();
 })();
 </script>"""
