@@ -1,0 +1,102 @@
+"""Training straight from the model (saeens/data/stream.py): the stream's batches are the cache's
+rows in the documented order, training on either gives the same parameters, a process computes
+only its rows' contexts, a SIGKILLed run resumes to the uninterrupted one, and the command line
+trains, evaluates and refuses like the cache path."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from saeens.data import ActivationCache, byte_tokenizer, load_corpus
+from saeens.data.build import cache_documents
+from saeens.data.extract import model_acts_fn
+from saeens.data.stream import ModelStream, model_stream, open_stream
+from saeens.errors import SaeensError
+
+HOOK = "blocks.1.hook_resid_post"
+T, R = 16, 15  # context length, rows per context (BOS dropped)
+W = 8  # contexts per shuffle window
+N_DOCS = 6
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def docs():
+    return load_corpus("bbc-news")[:N_DOCS]
+
+
+def _stream(model, tok, docs, **kw) -> ModelStream:
+    return open_stream(model_acts_fn(model, HOOK), tok, docs, context_length=T, buffer_contexts=W, model_batch=8,
+                       info={"model": "tiny", "hook": HOOK}, **kw)
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_model, tok, docs, tmp_path_factory):
+    """Every full context of both splits, as `saeens cache` writes them (same model calls of 8)."""
+    out = tmp_path_factory.mktemp("stream") / "acts"
+    return ActivationCache(cache_documents(model_acts_fn(tiny_model, HOOK), tok, docs, None, out, context_length=T,
+                                           batch_size=8, progress=False, meta={"model": "tiny", "hook": HOOK}))
+
+
+def expected_rows(n_contexts: int, seed: int, step: int, batch_size: int) -> np.ndarray:
+    """The cache rows of stream batch `step`, from the layout as documented, one row at a time."""
+    keyed = []
+    for p in range(step * batch_size, (step + 1) * batch_size):
+        epoch, q = divmod(p, n_contexts * R)
+        w, o = divmod(q, W * R)
+        members = np.random.default_rng([seed, epoch]).permutation(n_contexts)[w * W : (w + 1) * W]
+        j, t = divmod(int(np.random.default_rng([seed, epoch, w]).permutation(len(members) * R)[o]), R)
+        keyed.append(((Fraction(j, len(members)), epoch, w, j, t), int(members[j]) * R + t))
+    return np.array([row for _, row in sorted(keyed)])
+
+
+def test_batches_are_the_cache_rows_in_the_documented_order(tiny_model, tok, docs, cache):
+    s = _stream(tiny_model, tok, docs)
+    assert s.n_contexts * R == cache.n_rows("train") and s.d_in == cache.d_in
+    n_rows = cache.n_rows("train")
+    steps_per_epoch = n_rows // 64
+    for step in (0, 1, 5, steps_per_epoch, steps_per_epoch + 1):  # straddles windows and the epoch's end
+        np.testing.assert_array_equal(s.batch(step, 64, 3), cache.gather(expected_rows(s.n_contexts, 3, step, 64)))
+        assert len(s.buffer) <= 2 * W  # at most the windows of one batch
+    desc = s.describe()
+    assert desc["kind"] == "stream" and desc["train_rows"] == n_rows and desc["context_length"] == T
+    assert (desc["model"], desc["hook"], desc["dataset"], desc["split_seed"]) == ("tiny", HOOK, "documents", 0)
+
+
+def test_a_process_computes_only_its_rows_and_the_batch_never_depends_on_the_processes(tiny_model, tok, docs):
+    B, seed, steps = 96, 1, range(10)  # 8 windows of 8 contexts x 15 rows
+    whole = _stream(tiny_model, tok, docs)
+    whole.runner.contexts_run = 0
+    ref = [whole.batch(step, B, seed) for step in steps]
+    single = whole.runner.contexts_run
+    assert single == 8 * W  # each context of a window runs through the model once
+    for P in (2, 4):
+        procs = [_stream(tiny_model, tok, docs) for _ in range(P)]
+        for p in procs:
+            p.runner.contexts_run = 0
+        for step, want in zip(steps, ref):
+            got = [s.batch(step, B, seed, slice(i * B // P, (i + 1) * B // P)) for i, s in enumerate(procs)]
+            np.testing.assert_array_equal(np.concatenate(got), want)
+        for s in procs:  # its share of each window, and a context or two at each edge of its slice
+            assert s.runner.contexts_run <= single // P + 2 * 8, (P, [q.runner.contexts_run for q in procs])
+
+
+def test_init_sample_is_seeded_rows_of_the_stream(tiny_model, tok, docs, cache):
+    s = _stream(tiny_model, tok, docs)
+    a, b = s.init_sample(100, 5), _stream(tiny_model, tok, docs).init_sample(100, 5)
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (100, 8) and not np.array_equal(a, s.init_sample(100, 6))
+    rows = cache.gather(np.arange(cache.n_rows("train")))
+    assert all(np.any(np.all(rows == x, axis=1)) for x in a[:10])
