@@ -7,14 +7,17 @@ the CLI, config files and Python callers all reject bad input the same way.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 from typing import Any
 
 from saeens.errors import SaeensError
+from saeens.io.files import read_json
 
 ARCHS = ("relu", "topk", "batchtopk", "jumprelu")
-METHODS = ("single", "expanded", "bagging", "boosting")
+METHODS = ("single", "expanded", "bagging", "boosting", "sweep")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 def _require(ok: bool, msg: str) -> None:
@@ -39,6 +42,7 @@ class SAEConfig:
     dead_tokens: int = 1_000_000  # a latent silent for this many tokens counts as dead
     batchtopk_threshold_decay: float = 0.99  # EMA of the inference threshold
     kernel: str = "sparse"  # topk/batchtopk training: "sparse" (saeens/kernels.py) or "dense" (reference)
+    compute_dtype: str = "float32"  # training matmuls and codes; "bfloat16" on accelerators (params stay fp32)
 
     def __post_init__(self) -> None:
         _require(self.arch in ARCHS, f"unknown architecture {self.arch!r}: use one of {', '.join(ARCHS)}")
@@ -54,6 +58,10 @@ class SAEConfig:
         _require(self.jumprelu_bandwidth > 0, "jumprelu_bandwidth must be > 0")
         _require(self.dead_tokens >= 1, "dead_tokens must be >= 1")
         _require(self.kernel in ("dense", "sparse"), f"unknown kernel {self.kernel!r}: use dense or sparse")
+        _require(
+            self.compute_dtype in COMPUTE_DTYPES,
+            f"unknown compute_dtype {self.compute_dtype!r}: use {' or '.join(COMPUTE_DTYPES)}",
+        )
 
     @property
     def k_aux(self) -> int:
@@ -98,7 +106,8 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EnsembleConfig:
-    """How SAEs are combined: single, expanded (one SAE of J*m latents), bagging or boosting."""
+    """How SAEs are combined: single, expanded (one SAE of J*m latents), bagging, boosting, or a
+    sweep (J members that differ in hyperparameters, see SweepConfig)."""
 
     method: str = "single"
     members: int = 1
@@ -108,6 +117,38 @@ class EnsembleConfig:
         _require(self.members >= 1, f"members J must be >= 1, got {self.members}: pass --members 1 or more")
 
 
+SWEPT = {"lr": None, "l1_coeff": ("relu",), "l0_coeff": ("jumprelu",), "jumprelu_bandwidth": ("jumprelu",)}  # None: every arch
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """Method sweep: one member per point of the grid of these lists (an empty list keeps the train
+    or sae section's value), trained as one stacked ensemble. Member order: the Cartesian product in
+    the order lr, l1_coeff, l0_coeff, jumprelu_bandwidth, the last varying fastest."""
+
+    lr: tuple[float, ...] = ()
+    l1_coeff: tuple[float, ...] = ()
+    l0_coeff: tuple[float, ...] = ()
+    jumprelu_bandwidth: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in SWEPT:  # JSON gives lists; a hashable config needs tuples
+            values = getattr(self, name)
+            ok = isinstance(values, (list, tuple)) and all(isinstance(v, (int, float)) for v in values)
+            _require(ok, f"sweep {name} must be a list of numbers, got {values!r}: write e.g. [1e-4, 3e-4]")
+            object.__setattr__(self, name, tuple(float(v) for v in values))
+
+    @property
+    def is_empty(self) -> bool:
+        return not any(getattr(self, name) for name in SWEPT)
+
+    def settings(self, sae: SAEConfig, train: TrainConfig) -> list[dict[str, float]]:
+        """Every member's lr, l1_coeff, l0_coeff and jumprelu_bandwidth, in member order."""
+        base = {"lr": train.lr, **{n: getattr(sae, n) for n in SWEPT if n != "lr"}}
+        axes = [getattr(self, n) or (base[n],) for n in SWEPT]
+        return [dict(zip(SWEPT, point)) for point in itertools.product(*axes)]
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Everything a training run needs; written as config.json in the run directory."""
@@ -115,6 +156,7 @@ class RunConfig:
     sae: SAEConfig
     train: TrainConfig
     ensemble: EnsembleConfig
+    sweep: SweepConfig = SweepConfig()
 
     def __post_init__(self) -> None:
         J = self.ensemble.members
@@ -122,17 +164,30 @@ class RunConfig:
             self.ensemble.method != "single" or J == 1,
             f"method single trains one SAE but --members is {J}: use --members 1, or expanded/bagging/boosting",
         )
+        if self.ensemble.method != "sweep":
+            _require(self.sweep.is_empty, "lists of hyperparameters train a grid: pass --method sweep, or one value each")
+            return
+        for name, archs in SWEPT.items():
+            _require(not getattr(self.sweep, name) or archs is None or self.sae.arch in archs,
+                     f"sweeping {name} applies to {' and '.join(archs or ())}, not to {self.sae.arch}: drop it from the sweep")
+        grid = self.sweep.settings(self.sae, self.train)
+        _require(J == len(grid), f"the sweep grid has {len(grid)} points but --members is {J}: drop --members (a sweep sets it)")
+        for point in grid:  # each member's values pass the same checks as a single run's
+            dataclasses.replace(self.train, lr=point["lr"])
+            self.sae.replace(**{n: v for n, v in point.items() if n != "lr"})
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: dataclasses.asdict(getattr(self, k)) for k in ("sae", "train", "ensemble")}
+        """The sections as JSON; the sweep section only for a sweep (other runs' files are unchanged)."""
+        keys = ("sae", "train", "ensemble") + (("sweep",) if self.ensemble.method == "sweep" else ())
+        return {k: dataclasses.asdict(getattr(self, k)) for k in keys}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
         parts = {}
-        for key, typ in (("sae", SAEConfig), ("train", TrainConfig), ("ensemble", EnsembleConfig)):
+        for key, typ in (("sae", SAEConfig), ("train", TrainConfig), ("ensemble", EnsembleConfig), ("sweep", SweepConfig)):
             parts[key] = _build(typ, d.get(key, {}), key)
-        extra = set(d) - {"sae", "train", "ensemble"}
-        _require(not extra, f"unknown config section(s) {sorted(extra)}: use only sae, train, ensemble")
+        extra = set(d) - {"sae", "train", "ensemble", "sweep"}
+        _require(not extra, f"unknown config section(s) {sorted(extra)}: use only sae, train, ensemble, sweep")
         return cls(**parts)
 
     def save(self, path: Path) -> None:
@@ -140,7 +195,7 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: Path) -> "RunConfig":
-        return cls.from_dict(_read_json(path))
+        return cls.from_dict(read_json(path, "config file", "pass a JSON file with sae, train and ensemble sections"))
 
 
 def _build(typ: type, values: dict[str, Any], section: str) -> Any:
@@ -153,12 +208,3 @@ def _build(typ: type, values: dict[str, Any], section: str) -> Any:
         raise SaeensError(f"config section {section!r} is incomplete ({e}): add the missing key") from None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    path = Path(path)
-    _require(path.is_file(), f"config file {path} does not exist: check the path")
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise SaeensError(f"config file {path} is not valid JSON ({e.msg} at line {e.lineno}): fix the file") from None
-    _require(isinstance(d, dict), f"config file {path} must hold a JSON object")
-    return d

@@ -4,12 +4,14 @@ params = {"W_enc": [D, M], "b_enc": [M], "W_dec": [M, D], "b_dec": [D]} in SAELe
 "log_threshold" [M] for JumpReLU (trained through the straight-through estimator) and "threshold"
 [M] for BatchTopK (the inference threshold: an EMA set by the train step, never by gradients).
 The activation is data (cfg.arch), dispatched in `activate`, not a class hierarchy, so the same
-functions vmap over ensemble members and scan over boosting stages.
+functions vmap over ensemble members and scan over boosting stages. The sparsity coefficients the
+loss reads (`Coefficients`) may be traced values, so a sweep's members differ in them as data.
+cfg.compute_dtype = "bfloat16" runs the training matmuls and codes in bf16; params, gradients and
+losses stay float32.
 """
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import jax
@@ -19,6 +21,23 @@ from saeens import kernels
 from saeens.config import SAEConfig
 
 Params = dict[str, jax.Array]
+Coefficients = dict[str, jax.Array | float]  # l1_coeff, l0_coeff, jumprelu_bandwidth
+COEFFICIENTS = ("l1_coeff", "l0_coeff", "jumprelu_bandwidth")
+
+
+def coefficients(cfg: SAEConfig) -> Coefficients:
+    """The config's sparsity coefficients (what `loss` reads unless a sweep passes its own)."""
+    return {name: getattr(cfg, name) for name in COEFFICIENTS}
+
+
+def compute_dtype(cfg: SAEConfig) -> jnp.dtype:
+    return jnp.dtype(cfg.compute_dtype)
+
+
+def matmul(a: jax.Array, b: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """a @ b with both operands in `dtype`, accumulated and returned in float32 (losses and
+    reductions stay float32 under bf16; the cast's transpose hands float32 gradients back)."""
+    return jnp.matmul(a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
 
 
 def init(key: jax.Array, cfg: SAEConfig, b_dec_D: jax.Array | None = None) -> Params:
@@ -60,39 +79,41 @@ def _rectangle(u: jax.Array) -> jax.Array:
     return (jnp.abs(u) < 0.5).astype(u.dtype)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _jumprelu(z_BM: jax.Array, theta_M: jax.Array, eps: float) -> jax.Array:
+# The bandwidth eps is an ordinary (traced) argument with a zero cotangent, not a static one, so
+# a sweep's members may differ in it inside one compiled step.
+@jax.custom_vjp
+def _jumprelu(z_BM: jax.Array, theta_M: jax.Array, eps: jax.Array | float) -> jax.Array:
     return z_BM * (z_BM > theta_M)
 
 
 def _jumprelu_fwd(z_BM, theta_M, eps):
-    return _jumprelu(z_BM, theta_M, eps), (z_BM, theta_M)
+    return _jumprelu(z_BM, theta_M, eps), (z_BM, theta_M, eps)
 
 
-def _jumprelu_bwd(eps, res, g_BM):
-    z_BM, theta_M = res
+def _jumprelu_bwd(res, g_BM):
+    z_BM, theta_M, eps = res
     dz = g_BM * (z_BM > theta_M)
     # Rajamanoharan et al. 2024: d/dtheta JumpReLU ~ -(theta/eps) K((z - theta)/eps)
     dtheta = -(theta_M / eps) * _rectangle((z_BM - theta_M) / eps) * g_BM
-    return dz, dtheta.reshape(-1, theta_M.shape[-1]).sum(0)
+    return dz, dtheta.reshape(-1, theta_M.shape[-1]).sum(0).astype(theta_M.dtype), jnp.zeros_like(eps)
 
 
 _jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _step(z_BM: jax.Array, theta_M: jax.Array, eps: float) -> jax.Array:
+@jax.custom_vjp
+def _step(z_BM: jax.Array, theta_M: jax.Array, eps: jax.Array | float) -> jax.Array:
     return (z_BM > theta_M).astype(z_BM.dtype)
 
 
 def _step_fwd(z_BM, theta_M, eps):
-    return _step(z_BM, theta_M, eps), (z_BM, theta_M)
+    return _step(z_BM, theta_M, eps), (z_BM, theta_M, eps)
 
 
-def _step_bwd(eps, res, g_BM):
-    z_BM, theta_M = res
+def _step_bwd(res, g_BM):
+    z_BM, theta_M, eps = res
     dtheta = -(1.0 / eps) * _rectangle((z_BM - theta_M) / eps) * g_BM
-    return jnp.zeros_like(z_BM), dtheta.reshape(-1, theta_M.shape[-1]).sum(0)
+    return jnp.zeros_like(z_BM), dtheta.reshape(-1, theta_M.shape[-1]).sum(0).astype(theta_M.dtype), jnp.zeros_like(eps)
 
 
 _step.defvjp(_step_fwd, _step_bwd)
@@ -103,8 +124,11 @@ def threshold(params: Params) -> jax.Array:
     return jnp.exp(params["log_threshold"])
 
 
-def activate(params: Params, cfg: SAEConfig, pre_BM: jax.Array, train: bool = False) -> jax.Array:
-    """Pre-activations -> sparse codes. BatchTopK uses the batch rule in training only."""
+def activate(
+    params: Params, cfg: SAEConfig, pre_BM: jax.Array, train: bool = False, bandwidth: jax.Array | float | None = None
+) -> jax.Array:
+    """Pre-activations -> sparse codes. BatchTopK uses the batch rule in training only; bandwidth
+    (JumpReLU's STE width, default the config's) only shapes gradients."""
     if cfg.arch == "relu":
         return jax.nn.relu(pre_BM)
     if cfg.arch == "topk":
@@ -113,7 +137,8 @@ def activate(params: Params, cfg: SAEConfig, pre_BM: jax.Array, train: bool = Fa
         if train:
             return batch_topk_codes(pre_BM, cfg.k)
         return pre_BM * (pre_BM > params["threshold"])
-    return _jumprelu(jax.nn.relu(pre_BM), threshold(params), cfg.jumprelu_bandwidth)
+    eps = cfg.jumprelu_bandwidth if bandwidth is None else bandwidth
+    return _jumprelu(jax.nn.relu(pre_BM), threshold(params), eps)
 
 
 def encode(params: Params, cfg: SAEConfig, x_BD: jax.Array) -> jax.Array:
@@ -137,38 +162,41 @@ def auxk_loss(
 
     On the main loss's scale (squared error summed over d, mean over tokens), so aux_coeff = 1/32
     weighs it as in Gao et al.; err is the error of the SAE's own input (for a boosting stage,
-    its residual). Zero when no latent is dead.
+    its residual). Zero when no latent is dead. The decoder product runs in pre_BM's dtype.
     """
     masked_BM = jnp.where(dead_M, pre_BM, -jnp.inf)
     aux_codes_BM = topk_codes(masked_BM, k_aux)
-    err_hat_BD = aux_codes_BM @ W_dec_MD
+    err_hat_BD = matmul(aux_codes_BM, W_dec_MD, pre_BM.dtype)
     target_BD = jax.lax.stop_gradient(err_BD)
     loss = jnp.mean(jnp.sum((err_hat_BD - target_BD) ** 2, axis=-1))
     return jnp.where(jnp.any(dead_M), loss, 0.0)
 
 
 def loss(
-    params: Params, cfg: SAEConfig, x_BD: jax.Array, dead_M: jax.Array
+    params: Params, cfg: SAEConfig, x_BD: jax.Array, dead_M: jax.Array, coeffs: Coefficients | None = None
 ) -> tuple[jax.Array, dict[str, Any]]:
     """Training loss: per-token squared error summed over d, mean over tokens, + sparsity/aux terms.
 
     aux: mse, sparsity_loss, codes [B, M] and the summaries a train step needs (fired [M], l0,
     min_kept). cfg.kernel == "sparse" (topk/batchtopk) computes the same loss and gradients with
-    saeens/kernels.py, whose backward pass touches only the selected latents.
+    saeens/kernels.py, whose backward pass touches only the selected latents. coeffs (default
+    `coefficients(cfg)`) may be traced: a sweep member's own l1/l0 coefficient and bandwidth.
     """
     if uses_sparse_kernel(cfg):
         return kernels.sparse_loss(params, cfg, x_BD, dead_M)
-    pre_BM = pre_activations(params, x_BD)
-    codes_BM = activate(params, cfg, pre_BM, train=True)
-    x_hat_BD = decode(params, codes_BM)
+    c = coefficients(cfg) if coeffs is None else coeffs
+    dtype = compute_dtype(cfg)
+    pre_BM = (matmul(x_BD - params["b_dec"], params["W_enc"], dtype) + params["b_enc"]).astype(dtype)
+    codes_BM = activate(params, cfg, pre_BM, train=True, bandwidth=c["jumprelu_bandwidth"])
+    x_hat_BD = matmul(codes_BM, params["W_dec"], dtype) + params["b_dec"]
     err_BD = x_BD - x_hat_BD
     mse = jnp.mean(jnp.sum(err_BD**2, axis=-1))
     if cfg.arch == "relu":
         dec_norm_M = jnp.linalg.norm(params["W_dec"], axis=-1)
-        sparsity = cfg.l1_coeff * jnp.mean(jnp.sum(codes_BM * dec_norm_M, axis=-1))
+        sparsity = c["l1_coeff"] * jnp.mean(jnp.sum(codes_BM * dec_norm_M, axis=-1))
     elif cfg.arch == "jumprelu":
-        gates_BM = _step(jax.nn.relu(pre_BM), threshold(params), cfg.jumprelu_bandwidth)
-        sparsity = cfg.l0_coeff * jnp.mean(jnp.sum(gates_BM, axis=-1))
+        gates_BM = _step(jax.nn.relu(pre_BM), threshold(params), c["jumprelu_bandwidth"])
+        sparsity = c["l0_coeff"] * jnp.mean(jnp.sum(gates_BM, axis=-1, dtype=jnp.float32))
     else:
         sparsity = cfg.aux_coeff * auxk_loss(pre_BM, err_BD, dead_M, params["W_dec"], cfg.k_aux)
     on_BM = jax.lax.stop_gradient(codes_BM) > 0
@@ -178,7 +206,7 @@ def loss(
         "codes": codes_BM,
         "fired": jnp.any(on_BM, axis=0),
         "l0": jnp.mean(jnp.sum(on_BM, axis=-1)),
-        "min_kept": jnp.min(jnp.where(on_BM, jax.lax.stop_gradient(codes_BM), jnp.inf)),
+        "min_kept": jnp.min(jnp.where(on_BM, jax.lax.stop_gradient(codes_BM), jnp.inf)).astype(jnp.float32),
     }
     return mse + sparsity, aux
 

@@ -3,20 +3,23 @@
 The flags' own defaults stay None so that a --config file can supply any value (explicit flags
 override it); the help text shows the dataclass defaults that apply when neither gives one. Flags
 that the chosen architecture does not use are refused here, not in SAEConfig: a stored config holds
-k and both coefficients for every architecture.
+k and both coefficients for every architecture. --lr, --l1, --l0 and --bandwidth take a comma list
+(e.g. --lr 1e-4,3e-4): two or more values go to the sweep section, and --method sweep trains their
+grid (--members is then the grid's size).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from typing import Any
 
-from saeens.config import ARCHS, METHODS, EnsembleConfig, RunConfig, SAEConfig, TrainConfig
+from saeens.config import ARCHS, COMPUTE_DTYPES, METHODS, SWEPT, EnsembleConfig, RunConfig, SAEConfig, SweepConfig, TrainConfig
 from saeens.errors import SaeensError
 from saeens.io.files import read_json
 
-SECTIONS = {"sae": SAEConfig, "train": TrainConfig, "ensemble": EnsembleConfig}
+SECTIONS = {"sae": SAEConfig, "train": TrainConfig, "ensemble": EnsembleConfig, "sweep": SweepConfig}
 # flag, config section, field, type, help (the default is appended from the dataclass field)
 FLAGS = (
     ("--method", "ensemble", "method", str, "how SAEs combine"),
@@ -26,6 +29,8 @@ FLAGS = (
     ("--k", "sae", "k", int, "active latents per token (topk, batchtopk only)"),
     ("--l1", "sae", "l1_coeff", float, "L1 coefficient (relu only)"),
     ("--l0", "sae", "l0_coeff", float, "L0 coefficient (jumprelu only)"),
+    ("--bandwidth", "sae", "jumprelu_bandwidth", float, "JumpReLU straight-through bandwidth (jumprelu only)"),
+    ("--compute-dtype", "sae", "compute_dtype", str, "training matmuls and codes (bfloat16 on GPU/TPU; params stay float32)"),
     ("--dead-tokens", "sae", "dead_tokens", int, "tokens without firing after which a latent is dead"),
     ("--tokens", "train", "n_tokens", int, "training tokens per SAE / boosting stage"),
     ("--batch-size", "train", "batch_size", int, "tokens per step"),
@@ -33,8 +38,16 @@ FLAGS = (
     ("--seed", "train", "seed", int, "seed of the initial keys and the data order"),
     ("--checkpoint-every", "train", "checkpoint_every", int, "steps between checkpoints (0: only at the end)"),
 )
-CHOICES = {"method": METHODS, "arch": ARCHS}
-ARCH_ONLY = {"k": ("topk", "batchtopk"), "l1_coeff": ("relu",), "l0_coeff": ("jumprelu",)}  # field -> archs using it
+CHOICES = {"method": METHODS, "arch": ARCHS, "compute_dtype": COMPUTE_DTYPES}
+ARCH_ONLY = {"k": ("topk", "batchtopk"), **{name: archs for name, archs in SWEPT.items() if archs}}  # field -> archs using it
+
+
+def _numbers(text: str) -> tuple[float, ...]:
+    """A sweepable flag's value: one number or a comma list of them."""
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or a comma list of numbers (e.g. 1e-4,3e-4)") from None
 
 
 def _default(section: str, name: str) -> Any:
@@ -55,6 +68,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         default = _default(section, name)
         shown = "required: here or in --config" if default is None else f"default: {default}"
         metavar = None if name in CHOICES else flag[2:].upper().replace("-", "_")
+        if name in SWEPT:
+            typ, text, metavar = _numbers, f"{text}; a comma list sweeps it", f"{metavar}[,{metavar}...]"
         p.add_argument(flag, dest=name, type=typ, choices=CHOICES.get(name), metavar=metavar, help=f"{text} ({shown})")
     p.add_argument("--no-normalize", action="store_true",
                    help="train on raw activations (default: scale inputs to mean norm sqrt(d_in), folded back on export)")
@@ -71,8 +86,13 @@ def train_config(args: argparse.Namespace, d_in: int) -> RunConfig:
     for extra in set(base) - set(d):
         d[extra] = base[extra]  # RunConfig.from_dict names unknown sections
     for _, section, name, _, _ in FLAGS:
-        if getattr(args, name) is not None:
-            d[section][name] = getattr(args, name)
+        value = getattr(args, name)
+        if name in SWEPT and value is not None and len(value) > 1:
+            d["sweep"][name] = list(value)
+        elif value is not None:
+            d[section][name] = value[0] if name in SWEPT else value
+    if d["ensemble"].get("method") == "sweep" and "members" not in d["ensemble"]:
+        d["ensemble"]["members"] = math.prod(len(v) or 1 for v in d["sweep"].values() if isinstance(v, list))
     if args.no_normalize:
         d["train"]["normalize_activations"] = False
     problems = []

@@ -9,6 +9,7 @@ with key split(key, J)[j] would train.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import optax
@@ -38,24 +39,29 @@ def sequential_members(cfg: SAEConfig) -> bool:
     return sae.uses_sparse_kernel(cfg) and jax.default_backend() == "cpu" and jax.device_count() == 1
 
 
-def make_bagging_step(cfg: SAEConfig, opt: optax.GradientTransformation, member_batch: int | None = None) -> Callable:
-    """(stacked state, batch, key) -> (stacked state, per-member metrics [J]), one compiled step.
+def over_members(member_step: Callable, cfg: SAEConfig, member_batch: int | None = None) -> Callable:
+    """A one-member step `(state, batch, key) -> (state, metrics)` as ONE step over stacked members
+    (each gets the batch and its split key): what bagging and sweeps share.
 
     member_batch None: all members in one jax.vmap (or a loop, see `sequential_members`); an int
     n: lax.map over chunks of n members, each chunk vmapped (n = 1 is a plain loop)."""
-    step = make_step(cfg, opt)
     if member_batch is None and sequential_members(cfg):
         member_batch = 1
 
-    def bagging_step(state: TrainState, x_BD: jax.Array, key: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+    def members_step(state: Any, x_BD: jax.Array, key: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
         keys = member_keys(key, state.step.shape[0])
         if member_batch is None:
-            return jax.vmap(step, in_axes=(0, None, 0))(state, x_BD, keys)
+            return jax.vmap(member_step, in_axes=(0, None, 0))(state, x_BD, keys)
         # batch_size=1 would still vmap (over chunks of one): a plain map keeps the unbatched kernel
         chunk = None if member_batch == 1 else member_batch
-        return jax.lax.map(lambda sk: step(sk[0], x_BD, sk[1]), (state, keys), batch_size=chunk)
+        return jax.lax.map(lambda sk: member_step(sk[0], x_BD, sk[1]), (state, keys), batch_size=chunk)
 
-    return bagging_step
+    return members_step
+
+
+def make_bagging_step(cfg: SAEConfig, opt: optax.GradientTransformation, member_batch: int | None = None) -> Callable:
+    """(stacked state, batch, key) -> (stacked state, per-member metrics [J]), one compiled step."""
+    return over_members(make_step(cfg, opt), cfg, member_batch)
 
 
 def final_ensemble(cfg: SAEConfig, state: TrainState) -> Ensemble:

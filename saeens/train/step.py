@@ -47,10 +47,11 @@ def update(
     x_BD: jax.Array,
     cfg: SAEConfig,
     opt: optax.GradientTransformation,
+    coeffs: sae.Coefficients | None = None,
 ) -> tuple[Params, optax.OptState, jax.Array, dict[str, jax.Array]]:
-    """One optimisation step of one SAE on an already-scaled batch."""
+    """One optimisation step of one SAE on an already-scaled batch (coeffs: see sae.loss)."""
     dead_M = since_fired_M >= cfg.dead_tokens
-    (loss, aux), grads = jax.value_and_grad(sae.loss, has_aux=True)(params, cfg, x_BD, dead_M)
+    (loss, aux), grads = jax.value_and_grad(sae.loss, has_aux=True)(params, cfg, x_BD, dead_M, coeffs)
     updates, opt_state = opt.update(grads, opt_state, params)
     params = sae.update_inference_threshold(optax.apply_updates(params, updates), cfg, aux["min_kept"])
     # sae.loss's summaries (fired, l0): the sparse kernel then never builds [B, M] codes
@@ -66,11 +67,14 @@ def update(
 
 
 def advance(
-    state: TrainState, x_BD: jax.Array, cfg: SAEConfig, opt: optax.GradientTransformation
+    state: TrainState, x_BD: jax.Array, cfg: SAEConfig, opt: optax.GradientTransformation,
+    coeffs: sae.Coefficients | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """The state after one step on x_BD, which is ALREADY in the state's scaled units (boosting
     passes a stage's residual here)."""
-    params, opt_state, since, metrics = update(state.params, state.opt_state, state.since_fired, x_BD, cfg, opt)
+    params, opt_state, since, metrics = update(
+        state.params, state.opt_state, state.since_fired, x_BD, cfg, opt, coeffs
+    )
     return TrainState(params, opt_state, since, state.scale, state.step + 1), metrics
 
 
