@@ -70,3 +70,20 @@ def test_boosting_chain_matches_python_loop():
         total, r, codes = total + x_hat, r - x_hat, codes + [c]
     np.testing.assert_allclose(ensemble.reconstruct(ens, X), total, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(ensemble.encode(ens, X), np.concatenate(codes, 1), rtol=1e-5, atol=1e-6)
+
+
+def test_prefix_and_masked_stage_scan():
+    """prefix(ens, j): the first j members with the method's weights; a masked stage scan skips the
+    inactive stages (zero codes, residual passed on), so it equals the chain of the active prefix."""
+    cfg, params = _stack("topk")
+    bag, boost = ensemble.bagging(cfg, params), ensemble.boosting(cfg, params)
+    sub = ensemble.prefix(bag, 2)
+    np.testing.assert_allclose(sub.weights, [0.5, 0.5])
+    np.testing.assert_array_equal(sub.params["W_dec"], params["W_dec"][:2])
+    assert not sub.sequential and ensemble.prefix(boost, 2).sequential
+    np.testing.assert_array_equal(ensemble.prefix(boost, 2).weights, [1.0, 1.0])
+    codes_JBM, r_BD = ensemble.stage_scan(params, cfg, jnp.asarray(X), jnp.asarray([True, True, False]))
+    want_codes, want_r = ensemble.stage_outputs(ensemble.prefix(boost, 2), jnp.asarray(X))
+    np.testing.assert_allclose(r_BD, want_r, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(codes_JBM[:2], want_codes, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(codes_JBM[2], 0.0)
