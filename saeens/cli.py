@@ -104,13 +104,29 @@ def _mesh(spec: str | None):
     return make_mesh(ens, data)
 
 
+def _training_data(args: argparse.Namespace) -> Any:
+    """The cache of --activations, or the activations --model computes as training runs."""
+    if args.activations is not None:
+        if args.model is not None:
+            raise SaeensError("pass --activations ACTS (a cache) or --model M (a stream), not both")
+        from saeens.data.cache import ActivationCache
+
+        return ActivationCache(args.activations)
+    if args.model is None or args.layer is None:
+        raise SaeensError("saeens train needs --activations ACTS (a cache), or --model M and --layer L to stream from the model")
+    from saeens.data.stream import model_stream
+
+    return model_stream(args.model, args.layer, args.site, args.dataset, context_length=args.context_length,
+                        test_fraction=args.test_fraction, split_seed=args.split_seed,
+                        buffer_contexts=args.buffer_contexts, model_batch=args.model_batch)
+
+
 def cmd_train(args: argparse.Namespace) -> None:
-    from saeens.data.cache import ActivationCache
     from saeens.train import fit
 
-    acts = ActivationCache(args.activations)
-    run = train_config(args, acts.d_in)
-    fit(args.out, run, acts, progress=not args.quiet, mesh=_mesh(args.mesh))  # saeens/runs.py checks --out
+    data = _training_data(args)
+    run = train_config(args, data.d_in)
+    fit(args.out, run, data, progress=not args.quiet, mesh=_mesh(args.mesh))  # saeens/runs.py checks --out
     print(f"trained {run.ensemble.method} run written to {args.out}")
 
 

@@ -61,7 +61,8 @@ def _flag_of(name: str) -> str:
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
     """Every flag of `saeens train`; help shows the default that applies when no flag or file sets it."""
-    p.add_argument("--activations", required=True, help="activation cache directory (saeens cache)")
+    p.add_argument("--activations", help="activation cache directory (saeens cache); without it --model streams them")
+    add_stream_args(p)
     p.add_argument("--out", required=True, help="run directory; an existing run is resumed")
     p.add_argument("--config", help="JSON file with sections sae, train, ensemble (flags override it)")
     for flag, section, name, typ, text in FLAGS:
@@ -75,6 +76,26 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="train on raw activations (default: scale inputs to mean norm sqrt(d_in), folded back on export)")
     p.add_argument("--mesh", help="device mesh ENSEMBLExDATA, e.g. 4x2: members over the first axis, batch over the second")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_stream_args(p: argparse.ArgumentParser) -> None:
+    """--model M --layer L [--dataset D ...]: train on activations the model computes as training
+    runs (saeens/data/stream.py); the corpus is split and packed as `saeens cache` does it."""
+    from saeens.data.build import CONTEXT_LENGTH, SPLIT_SEED, TEST_FRACTION
+    from saeens.data.stream import BUFFER_CONTEXTS, MODEL_BATCH
+
+    g = p.add_argument_group("streaming from a model (instead of --activations)")
+    g.add_argument("--model", help="model name (e.g. smollm2-135m), HF directory or .gguf file")
+    g.add_argument("--layer", type=int, help="block of the hook")
+    g.add_argument("--site", default="resid_post", help="hook site: resid_pre, resid_post, attn_out, mlp_out (default: resid_post)")
+    g.add_argument("--dataset", default="bbc-news", help="bbc-news, tweets, shakespeare or a hub dataset name (default: bbc-news)")
+    g.add_argument("--context-length", type=int, default=CONTEXT_LENGTH, help=f"tokens per context (default: {CONTEXT_LENGTH})")
+    g.add_argument("--test-fraction", type=float, default=TEST_FRACTION,
+                   help=f"documents held out for saeens evaluate (default: {TEST_FRACTION})")
+    g.add_argument("--split-seed", type=int, default=SPLIT_SEED, help=f"seed of the document split (default: {SPLIT_SEED})")
+    g.add_argument("--buffer-contexts", type=int, default=BUFFER_CONTEXTS,
+                   help=f"contexts whose rows are shuffled together: the shuffle buffer (default: {BUFFER_CONTEXTS})")
+    g.add_argument("--model-batch", type=int, default=MODEL_BATCH, help=f"contexts per model call (default: {MODEL_BATCH})")
 
 
 def train_config(args: argparse.Namespace, d_in: int) -> RunConfig:
