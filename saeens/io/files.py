@@ -33,9 +33,10 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text))
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    """JSON with NaN/Inf written as null (bare NaN is not valid JSON)."""
-    return atomic_write_text(path, json.dumps(_json_safe(obj), indent=2) + "\n")
+def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Path:
+    """JSON with NaN/Inf written as null (bare NaN is not valid JSON); indent None: compact, one line."""
+    seps = (",", ":") if indent is None else None
+    return atomic_write_text(path, json.dumps(_json_safe(obj), indent=indent, separators=seps) + "\n")
 
 
 def atomic_save_npy(path: str | Path, arr: np.ndarray) -> Path:
