@@ -221,7 +221,7 @@ def test_version_and_train_help_show_defaults_and_choices(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    assert "--arch {relu,topk,batchtopk,jumprelu}" in text and "--method {single,expanded,bagging,boosting}" in text
+    assert "--arch {relu,topk,batchtopk,jumprelu}" in text and "--method {single,expanded,bagging,boosting,sweep}" in text
     for flag, default in [("--batch-size", TrainConfig.batch_size), ("--lr", TrainConfig.lr), ("--k", SAEConfig.k),
                           ("--tokens", TrainConfig.n_tokens), ("--members", 1), ("--arch", "topk")]:
         entry = text[text.index(f"{flag} ", text.index("options:")):].split(" --")[0]  # up to the next flag

@@ -18,8 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from saeens import ensemble, metrics
+from saeens.config import SWEPT
 from saeens.ensemble import Ensemble
 from saeens.errors import SaeensError
+from saeens.io.files import read_json
 
 MAX_COFIRE = 16384
 
@@ -94,6 +96,39 @@ def run(ens: Ensemble, acts, cfg: IntrinsicConfig = IntrinsicConfig()) -> Intrin
 def evaluate_ensemble(ens: Ensemble, acts, split: str = "test", progress: bool = False) -> dict[str, Any]:
     """`run` with the defaults of `saeens evaluate`, as a dict."""
     return run(ens, acts, IntrinsicConfig(split=split, progress=progress)).to_dict()
+
+
+def is_sweep(run_dir: str | Path) -> bool:
+    """Whether run_dir holds a finished sweep (method sweep in its ensemble.json)."""
+    from saeens.runs import ENSEMBLE_META
+
+    meta = Path(run_dir) / ENSEMBLE_META
+    return meta.is_file() and read_json(meta, "ensemble metadata", "retrain it into a new --out").get("method") == "sweep"
+
+
+def evaluate_sweep(
+    run_dir: str | Path, acts, split: str = "test", progress: bool = False, truth_FD: np.ndarray | None = None
+) -> list[dict[str, Any]]:
+    """`saeens evaluate` of a sweep run: one row per member in member order, each evaluated as the
+    separate SAE it is (never as one ensemble), with the swept settings its architecture uses and,
+    given the true features of a synthetic cache, their recovery."""
+    from saeens.config import RunConfig
+    from saeens.runs import CONFIG
+    from saeens.synthetic import feature_recovery
+    from saeens.train import load_ensemble
+
+    ens, _ = load_ensemble(run_dir)
+    run = RunConfig.load(Path(run_dir) / CONFIG)
+    settings = run.sweep.settings(run.sae, run.train)
+    used = [name for name, archs in SWEPT.items() if archs is None or ens.cfg.arch in archs]
+    rows = []
+    for j in range(ens.n_members):
+        row = {"member": j, **{n: settings[j][n] for n in used},
+               **evaluate_ensemble(ensemble.single(ens.cfg, ensemble.member(ens, j)), acts, split, progress)}
+        if truth_FD is not None:
+            row["feature_recovery"] = feature_recovery(truth_FD, np.asarray(ens.params["W_dec"][j]))
+        rows.append(row)
+    return rows
 
 
 def evaluate_run(run_dir: str | Path, acts, split: str = "test", progress: bool = False) -> dict[str, Any]:

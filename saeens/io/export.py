@@ -7,6 +7,7 @@
                       global-TopK SAE: nothing at DIR, and the manifest says why
                       ("single_equivalent": null)
   boosting            DIR/stage_<j>/, applied in manifest "order" on residuals
+  sweep               DIR/member_<j>/, each a separate SAE (the members differ in settings)
 Writes go to a sibling DIR.tmp-xxx that is renamed into place at the end, so a failed export
 leaves nothing half-written, and a non-empty DIR is never touched.
 """
@@ -119,6 +120,8 @@ def export_saelens(
         reason: str | None = None
         if method == "boosting":
             reason = "boosting encodes stage by stage on residuals, which no single SAE does: apply the stages in order"
+        elif method == "sweep":
+            reason = "a sweep's members are separate SAEs trained with different settings: use each member_<j> on its own"
         elif cfg.arch == "topk":
             reason = ("TopK members are not one global-TopK SAE (each member keeps its own k latents): "
                       "combine the members' reconstructions as the manifest says")
@@ -132,6 +135,8 @@ def export_saelens(
             single_equivalent = "."
         if method == "boosting":
             combine = "sum of stage reconstructions on residuals"
+        elif method == "sweep":
+            combine = "none: each member is a separate SAE"
         elif all(w == weights[0] for w in weights) and np.isclose(weights[0] * J, 1.0):
             combine = "mean of member reconstructions"
         else:
