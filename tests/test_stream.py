@@ -100,3 +100,92 @@ def test_init_sample_is_seeded_rows_of_the_stream(tiny_model, tok, docs, cache):
     assert a.shape == (100, 8) and not np.array_equal(a, s.init_sample(100, 6))
     rows = cache.gather(np.arange(cache.n_rows("train")))
     assert all(np.any(np.all(rows == x, axis=1)) for x in a[:10])
+
+
+class CacheInStreamOrder:
+    """A BatchSource over the cache that serves the stream's batches by the documented layout (and
+    its init sample: ~4n/(T-1) seeded contexts, n seeded rows among theirs)."""
+
+    def __init__(self, cache, n_contexts):
+        self.cache, self.n_contexts, self.d_in = cache, n_contexts, cache.d_in
+
+    def describe(self):
+        return {"path": str(self.cache.path), "d_in": self.d_in, "train_rows": self.cache.n_rows("train")}
+
+    def init_sample(self, n, seed):
+        rng = np.random.default_rng([seed, 1 << 30])
+        ctx = np.sort(rng.choice(self.n_contexts, size=min(self.n_contexts, -(-4 * n // R)), replace=False))
+        rows = (ctx[:, None] * R + np.arange(R)).reshape(-1)
+        return self.cache.gather(rows[np.sort(rng.choice(len(rows), size=min(n, len(rows)), replace=False))])
+
+    def batch(self, step, batch_size, seed, rows=slice(None)):
+        return self.cache.gather(expected_rows(self.n_contexts, seed, step, batch_size)[rows])
+
+
+def _run(method, members=2, steps=6, batch=64, checkpoint_every=0):
+    from saeens.config import EnsembleConfig, RunConfig, SAEConfig, TrainConfig
+
+    return RunConfig(SAEConfig(d_in=8, width=16, arch="topk", k=3),
+                     TrainConfig(n_tokens=batch * steps, batch_size=batch, lr=3e-3, geometric_median_samples=200,
+                                 checkpoint_every=checkpoint_every, log_every=2),
+                     EnsembleConfig(method, members))
+
+
+@pytest.mark.parametrize("method", ["bagging", "boosting"])
+def test_training_from_the_stream_equals_training_from_the_cache(tiny_model, tok, docs, cache, tmp_path, method):
+    from saeens.train import fit
+
+    s = _stream(tiny_model, tok, docs)
+    a = fit(tmp_path / "stream", _run(method), s, progress=False)
+    b = fit(tmp_path / "cache", _run(method), CacheInStreamOrder(cache, s.n_contexts), progress=False)
+    for k in a.params:
+        np.testing.assert_array_equal(np.asarray(a.params[k]), np.asarray(b.params[k]), err_msg=k)
+    recorded = json.loads((tmp_path / "stream" / "activations.json").read_text())
+    assert recorded["kind"] == "stream" and recorded["hook"] == HOOK and recorded["buffer_contexts"] == W
+
+
+def _checkpoint_steps(run: Path) -> list[int]:
+    d = run / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
+def _worker(out: Path, checkpoint_every: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, __file__, str(out), str(checkpoint_every)], cwd=Path(__file__).parent.parent,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
+    from safetensors.numpy import load_file
+
+    ref = tmp_path / "ref"
+    _train_in_this_process(str(ref), 0)
+    cut = tmp_path / "cut"
+    p = _worker(cut, 1)  # a checkpoint every step: the kill often lands mid-write
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None and len(_checkpoint_steps(cut)) < 3:
+        time.sleep(0.05)
+    assert p.poll() is None, "the run ended before it could be killed"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait(timeout=60)
+    assert not (cut / "ensemble.json").exists()
+    p = _worker(cut, 1)  # resumes with an empty buffer: the resumed step's window runs through the model again
+    assert p.wait(timeout=300) == 0, p.stderr.read().decode()
+    want, got = load_file(str(ref / "ensemble.safetensors")), load_file(str(cut / "ensemble.safetensors"))
+    for k, v in want.items():
+        np.testing.assert_array_equal(got[k], v, err_msg=k)
+
+
+def _train_in_this_process(out: str, checkpoint_every: int) -> None:
+    """The worker: a run of 24 steps (batches straddle windows) of the tiny model's stream."""
+    import conftest
+
+    from saeens.train import fit
+
+    model = conftest.tiny_model.__wrapped__()
+    stream = _stream(model, byte_tokenizer(), load_corpus("bbc-news")[:N_DOCS])
+    fit(out, _run("bagging", steps=24, batch=48, checkpoint_every=checkpoint_every), stream, progress=False)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    _train_in_this_process(sys.argv[1], int(sys.argv[2]))
