@@ -30,17 +30,15 @@ from saeens.io.files import atomic_write, atomic_write_json, read_json
 CONFIG, SOURCE, LOG, CHECKPOINTS = "config.json", "activations.json", "metrics.jsonl", "checkpoints"
 ENSEMBLE_META, ENSEMBLE_WEIGHTS = "ensemble.json", "ensemble.safetensors"
 # what an attempt that never reached its first checkpoint may leave (a SIGKILL skips the cleanup)
-UNSTARTED = {LOG, CHECKPOINTS, SOURCE}
+RESIDUAL = "residual"  # a boosting run's residual cache (saeens/train/residual.py)
+UNSTARTED = {LOG, CHECKPOINTS, SOURCE, RESIDUAL}
 _SOURCE_KEYS = ("d_in", "train_rows", "model", "hook", "dataset", "split_seed")  # must match on resume
 
 
-def source_of(acts: Any, d_in: int) -> dict[str, Any]:
-    """What a run trains on: the cache's path (absolute; None for in-memory rows), d_in, training
-    rows and, from its meta.json, model, hook, dataset and split seed."""
-    meta = getattr(acts, "meta", None) or {}
-    path = getattr(acts, "path", None)
-    return {"path": str(Path(path).absolute()) if path is not None else None, "d_in": int(d_in),
-            "train_rows": int(acts.n_rows("train")), **{k: meta.get(k) for k in ("model", "hook", "dataset", "split_seed")}}
+def source_of(source: Any) -> dict[str, Any]:
+    """What a run trains on, as its BatchSource describes it (saeens/data/source.py): for a cache,
+    its path, d_in, training rows, model, hook, dataset and split seed."""
+    return dict(source.describe())
 
 
 def has_checkpoint(run_dir: str | Path) -> bool:

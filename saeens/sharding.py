@@ -23,7 +23,7 @@ sharding step after step.
 
 Multi-host: every process runs the same program (`initialize_distributed` first). The state is
 placed from identical host values on every process; each process gathers ONLY the batch rows that
-its own devices hold (`gather_batch`, from the pure data order `batch_indices`) and
+its own devices hold (`source_batch`, from the pure data order `batch_indices`) and
 `jax.make_array_from_process_local_data` assembles the global batch.
 """
 
@@ -188,13 +188,25 @@ def place_batch(x_BD: np.ndarray | jax.Array, mesh: Mesh) -> jax.Array:
     return jax.make_array_from_process_local_data(batch_sharding(mesh), np.asarray(x_BD), x_BD.shape)
 
 
-def process_rows(mesh: Mesh, batch_size: int) -> np.ndarray:
-    """Positions in the global batch that this process's devices hold, in the order that
-    `make_array_from_process_local_data` expects them (ascending blocks)."""
+def process_blocks(mesh: Mesh, batch_size: int) -> list[tuple[int, int]]:
+    """[lo, hi) blocks of the global batch that this process's devices hold, ascending (the order
+    that `make_array_from_process_local_data` expects them in)."""
     _check_rows(batch_size, mesh)
     index_map = batch_sharding(mesh).addressable_devices_indices_map((batch_size, 1))
-    starts = sorted({(sl[0].start or 0, batch_size if sl[0].stop is None else sl[0].stop) for sl in index_map.values()})
-    return np.concatenate([np.arange(lo, hi) for lo, hi in starts])
+    return sorted({(sl[0].start or 0, batch_size if sl[0].stop is None else sl[0].stop) for sl in index_map.values()})
+
+
+def process_rows(mesh: Mesh, batch_size: int) -> np.ndarray:
+    """Positions in the global batch that this process's devices hold, in `process_blocks` order."""
+    return np.concatenate([np.arange(lo, hi) for lo, hi in process_blocks(mesh, batch_size)])
+
+
+def source_batch(source: Any, step: int, batch_size: int, seed: int, mesh: Mesh) -> jax.Array:
+    """Global batch `step` of a BatchSource (saeens/data/source.py) on the mesh: this process asks
+    the source only for its own rows, block by block; no host holds the whole batch."""
+    blocks = process_blocks(mesh, batch_size)
+    local_RD = np.concatenate([source.batch(step, batch_size, seed, slice(lo, hi)) for lo, hi in blocks])
+    return jax.make_array_from_process_local_data(batch_sharding(mesh), local_RD, (batch_size, local_RD.shape[1]))
 
 
 def gather_batch(
@@ -209,7 +221,7 @@ def gather_batch(
     idx_B = np.asarray(idx_B)
     rows = process_rows(mesh, idx_B.shape[0])
     local_RD = acts.gather(idx_B[rows], split)
-    if check is not None:  # e.g. NaN/Inf rows, named by shard and row (saeens/train/loop.py: check_batch)
+    if check is not None:  # e.g. NaN/Inf rows, named by shard and row (saeens/data/source.py: check_rows)
         check(local_RD, idx_B[rows])
     return jax.make_array_from_process_local_data(
         batch_sharding(mesh), local_RD, (idx_B.shape[0], local_RD.shape[1])

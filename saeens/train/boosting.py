@@ -7,6 +7,10 @@ the residual of the earlier stages is `ensemble.stage_scan` with only the stages
 it and is written back in place. Each stage gets the full token budget; its b_dec starts at the
 geometric median of ITS residual, and its AuxK loss targets its residual (the stage's own input),
 unlike the public code's quirks.
+
+Where the training rows can be read by index, the residual is not recomputed every step: it is
+written once per stage to a residual cache (saeens/train/residual.py) and the step is built with
+`residual_given`, taking the raw batch at stage 0 and the cached residual rows after it.
 """
 
 from __future__ import annotations
@@ -60,13 +64,30 @@ def start_stage(state: TrainState, sample_ND: jax.Array, cfg: SAEConfig, steps_p
     return state._replace(params=params, since_fired=state.since_fired.at[j].set(0))
 
 
-def make_boosting_step(cfg: SAEConfig, opt: optax.GradientTransformation, steps_per_stage: int) -> Callable:
-    """(stacked state, batch, key) -> (stacked state, stage j's metrics + "stage"), j = step // S."""
+def stage_residual(params: sae.Params, cfg: SAEConfig, r_BD: jax.Array) -> jax.Array:
+    """The residual one stage leaves of its input r (one link of `ensemble.stage_scan`'s chain)."""
+    return r_BD - sae.forward(params, cfg, r_BD)[0]
+
+
+def make_boosting_step(
+    cfg: SAEConfig, opt: optax.GradientTransformation, steps_per_stage: int, residual_given: bool = False
+) -> Callable:
+    """(stacked state, batch, key) -> (stacked state, stage j's metrics + "stage"), j = step // S.
+
+    residual_given False: the batch is raw and the step computes stage j's residual through the
+    frozen stages. True: the batch is raw at stage 0 and stage j's scaled residual after it (read
+    from the residual cache); the stage index stays data either way, so one program serves all.
+    """
+
+    def stage_input(state: TrainState, x_BD: jax.Array, j: jax.Array) -> jax.Array:
+        if residual_given:
+            return x_BD * jnp.where(j == 0, state.scale, jnp.ones_like(state.scale))
+        return residual_before(state.params, cfg, x_BD * state.scale, j)
 
     def boosting_step(state: TrainState, x_BD: jax.Array, key: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
         del key  # the contract's key; the losses are deterministic
         j = state.step // steps_per_stage
-        sub, metrics = advance(stage_state(state, j), residual_before(state.params, cfg, x_BD * state.scale, j), cfg, opt)
+        sub, metrics = advance(stage_state(state, j), stage_input(state, x_BD, j), cfg, opt)
         return with_stage(state, j, sub), {**metrics, "stage": j}
 
     return boosting_step

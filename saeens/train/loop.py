@@ -5,17 +5,24 @@ methods.py; with a mesh, saeens/sharding.py pins its layout), checkpoints are wr
 steps and at the end, and a resume continues from the last one, so an interrupted run ends with
 the same parameters as an uninterrupted one. The log gets one row per `log_every` steps (the mean
 since the previous row), at every checkpoint and, for boosting, at the end of every stage.
+
+Batches come from a BatchSource (saeens/data/source.py) and are read, checked and put on the
+device `prefetch` steps ahead on a background thread (saeens/train/prefetch.py), so the host's
+reads overlap the device's step; a bad batch still fails at its own step. A boosting run reads
+each stage from the source its Method names (the stage's residual cache, saeens/train/residual.py).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,64 +30,57 @@ import numpy as np
 
 from saeens import runs, sharding
 from saeens.config import RunConfig, TrainConfig
-from saeens.data.cache import batch_indices
+from saeens.data.source import Activations, BatchSource, RowSource, as_source
 from saeens.ensemble import Ensemble
 from saeens.errors import SaeensError
 from saeens.io.files import atomic_write_text
-from saeens.train import checkpoints
+from saeens.train import checkpoints, residual
 from saeens.train.methods import Method, build_method
+from saeens.train.prefetch import Prefetch
+
+PREFETCH = 2  # batches read ahead of the step
 
 
-class Activations(Protocol):
-    """What training reads: the train split's size and rows by index (ActivationCache has both)."""
-
-    def n_rows(self, split: str = "train") -> int: ...
-
-    def gather(self, idx_N: np.ndarray, split: str = "train") -> np.ndarray: ...
-
-
-def init_sample(acts: Activations, tcfg: TrainConfig) -> np.ndarray:
+def init_sample(data: BatchSource | Activations, tcfg: TrainConfig) -> np.ndarray:
     """A fixed, seeded sample of training rows for b_dec's geometric median and the norm scale."""
-    n = acts.n_rows("train")
-    rng = np.random.default_rng([tcfg.seed, 1 << 30])
-    idx = np.sort(rng.choice(n, size=min(n, tcfg.geometric_median_samples), replace=False))
-    sample = acts.gather(idx, "train")
-    check_batch(acts, sample, idx)
-    return sample
+    return as_source(data).init_sample(tcfg.geometric_median_samples, tcfg.seed)
 
 
 def fit(
     run_dir: str | Path,
     run: RunConfig,
-    acts: Activations,
+    data: BatchSource | Activations,
     *,
     progress: bool = True,
     stop_after: int | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    prefetch: int = PREFETCH,
 ) -> Ensemble:
-    """Train (or resume) the run in run_dir; returns the final ensemble in activation units.
+    """Train (or resume) the run in run_dir on a BatchSource (or rows by index: an activation
+    cache, saeens/data/source.py); returns the final ensemble in activation units.
 
     A run directory holding another config or trained on another source is refused (saeens/
     runs.py); an attempt that fails before its first checkpoint leaves nothing behind. stop_after
     ends the loop early after that many steps (as an interruption would), leaving the last
     checkpoint in place: used to test resumption. mesh (saeens.sharding.make_mesh) trains with the
     state, each batch and the restored checkpoint on that mesh (any mesh resumes any checkpoint).
+    prefetch: batches read, checked and put on the device ahead of the step (0: in the step's turn).
     """
     run_dir = Path(run_dir)
-    if not getattr(acts, "meta", {}).get("complete", True):
-        raise SaeensError("the activation cache is incomplete (its saeens cache run was cut short): re-run the same saeens cache command to finish it")
-    if acts.n_rows("train") < 1:
-        raise SaeensError("the activation cache has no training rows: rebuild it with more tokens")
-    sample = jnp.asarray(init_sample(acts, run.train))
+    source = as_source(data)
+    sample = jnp.asarray(source.init_sample(run.train.geometric_median_samples, run.train.seed))
     if sample.shape[-1] != run.sae.d_in:
         raise SaeensError(f"activations have d_in={sample.shape[-1]} but the run expects {run.sae.d_in}: use a matching cache")
-    source = runs.source_of(acts, run.sae.d_in)
+    described = runs.source_of(source)
     writer = jax.process_index() == 0  # one process checks and writes the run's files and log
     if writer:
-        runs.check(run_dir, run, source)
+        runs.check(run_dir, run, described)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # boosting reads each stage's residual from a cache written at the stage's start when the rows
+    # can be read by index on one process; otherwise (a stream, several hosts) its step computes it
+    method = build_method(run, residual_cache=isinstance(source, RowSource) and jax.process_count() == 1)
     try:
-        return _train(run_dir, run, build_method(run), acts, sample, source, progress, stop_after, mesh, writer)
+        return _train(run_dir, run, method, source, sample, described, progress, stop_after, mesh, writer, prefetch)
     except BaseException:
         if writer:
             runs.discard_unstarted(run_dir)
@@ -88,12 +88,12 @@ def fit(
 
 
 def _train(
-    run_dir: Path, run: RunConfig, method: Method, acts: Activations, sample: jax.Array, source: dict[str, Any],
-    progress: bool, stop_after: int | None, mesh: jax.sharding.Mesh | None, writer: bool,
+    run_dir: Path, run: RunConfig, method: Method, source: BatchSource, sample: jax.Array, described: dict[str, Any],
+    progress: bool, stop_after: int | None, mesh: jax.sharding.Mesh | None, writer: bool, prefetch: int,
 ) -> Ensemble:
     from tqdm.auto import tqdm
 
-    tcfg, n_train = run.train, acts.n_rows("train")
+    tcfg = run.train
     init_key, step_key = jax.random.split(jax.random.key(tcfg.seed))
     abstract = jax.eval_shape(method.init, init_key, sample)
     if mesh is not None:  # state, batches and checkpoints on the mesh
@@ -112,47 +112,78 @@ def _train(
     recorded = (run_dir / runs.CONFIG).is_file()
     end = method.n_steps if stop_after is None else min(method.n_steps, start + stop_after)
     S = method.steps_per_stage
-    bar = tqdm(range(start, end), total=method.n_steps, initial=start, disable=not progress,
-               desc=_bar_desc(start, method), unit="step")
+    bar = tqdm(total=method.n_steps, initial=start, disable=not progress, desc=_bar_desc(start, method), unit="step")
     window: list[dict[str, jax.Array]] = []
     with open(log_path if writer else os.devnull, "a") as log:
-        for step in bar:
-            if S is not None and step % S == 0:
-                bar.set_description(_bar_desc(step, method))
-            if method.prepare is not None:
-                state = method.prepare(state, step, sample)
-            idx_B = batch_indices(n_train, tcfg.batch_size, tcfg.seed, step)
-            if mesh is None:
-                x_BD = acts.gather(idx_B, "train")
-                check_batch(acts, x_BD, idx_B)
-            else:  # each process reads (and checks) only its rows
-                x_BD = sharding.gather_batch(acts, idx_B, mesh, check=lambda x, i: check_batch(acts, x, i))
-            state, metrics = method.step(state, x_BD, jax.random.fold_in(step_key, step))
-            window.append(metrics)  # device scalars: no host sync until the log step
-            done = step + 1
-            is_ckpt = done == method.n_steps or (tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0)
-            stage_end = S is not None and done % S == 0
-            if done % tcfg.log_every == 0 or is_ckpt or done == end or stage_end:
-                row = _log_row(jax.device_get(window), done, S, run_dir)
-                window = []
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-                bar.set_postfix(loss=f"{row['loss']:.4g}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.2f}")
-            if is_ckpt:
-                if writer and not recorded:  # the config goes with the first step there is to resume
-                    runs.record(run_dir, run, source)
-                    recorded = True
-                checkpoints.save(mngr, done, state)
+        for lo, hi in _segments(start, end, S):  # a boosting stage reads its own source
+            bar.set_description(_bar_desc(lo, method))
+            stage_source = source if method.stage_source is None else method.stage_source(run_dir, source, state, lo // S)
+            fetch = functools.partial(_device_batch, stage_source, tcfg, mesh)
+            with _batches(fetch, range(lo, hi), prefetch) as batches:
+                for step in range(lo, hi):
+                    if method.prepare is not None:
+                        state = method.prepare(state, step, sample)
+                    state, metrics = method.step(state, batches.get(step), jax.random.fold_in(step_key, step))
+                    window.append(metrics)  # device scalars: no host sync until the log step
+                    bar.update(1)
+                    done = step + 1
+                    is_ckpt = done == method.n_steps or (tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0)
+                    stage_end = S is not None and done % S == 0
+                    if done % tcfg.log_every == 0 or is_ckpt or done == end or stage_end:
+                        row = _log_row(jax.device_get(window), done, S, run_dir)
+                        window = []
+                        log.write(json.dumps(row) + "\n")
+                        log.flush()
+                        bar.set_postfix(loss=f"{row['loss']:.4g}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.2f}")
+                    if is_ckpt:
+                        if writer and not recorded:  # the config goes with the first step there is to resume
+                            runs.record(run_dir, run, described)
+                            recorded = True
+                        checkpoints.save(mngr, done, state)
     bar.close()
     mngr.wait_until_finished()
     ens = method.to_ensemble(state)
     if checkpoints.step_of(state) == method.n_steps and writer:
-        info = {"model": source.get("model"), "hook": source.get("hook"), "source": source,
+        residual.discard(run_dir)  # no stage reads it again
+        info = {"model": described.get("model"), "hook": described.get("hook"), "source": described,
                 # metrics.jsonl is in scaled units: its mse / input_scale**2 is in activation units
                 "input_scale": float(np.ravel(jax.device_get(state.scale))[0]),
                 "train_seconds_last_session": time.perf_counter() - t0}
         runs.save_ensemble(run_dir, run, ens, info)
     return ens
+
+
+def _segments(start: int, end: int, steps_per_stage: int | None) -> list[tuple[int, int]]:
+    """[start, end) cut at stage boundaries (boosting), else whole."""
+    if steps_per_stage is None:
+        return [(start, end)] if start < end else []
+    cuts = range((start // steps_per_stage + 1) * steps_per_stage, end, steps_per_stage)
+    bounds = [start, *cuts, end]
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if a < b]
+
+
+def _device_batch(source: BatchSource, tcfg: TrainConfig, mesh: jax.sharding.Mesh | None, step: int) -> jax.Array:
+    """Batch `step` read, checked and on the device (under a mesh: this process's rows only)."""
+    if mesh is None:
+        return jax.device_put(source.batch(step, tcfg.batch_size, tcfg.seed))
+    return sharding.source_batch(source, step, tcfg.batch_size, tcfg.seed, mesh)
+
+
+class _InTurn:
+    """Batches fetched when the step asks for them (prefetch 0): the same interface as Prefetch."""
+
+    def __init__(self, fetch: Callable[[int], Any]):
+        self.get = fetch
+
+    def __enter__(self) -> _InTurn:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _batches(fetch: Callable[[int], Any], steps: range, depth: int) -> Prefetch | _InTurn:
+    return Prefetch(fetch, steps, depth) if depth > 0 else _InTurn(fetch)
 
 
 def _bar_desc(step: int, method: Method) -> str:
@@ -192,17 +223,3 @@ def truncate_log(log_path: Path, step: int) -> None:
     kept = [ln for ln in lines if step_of(ln) <= step]
     if len(kept) != len(lines):
         atomic_write_text(log_path, "".join(ln + "\n" for ln in kept))
-
-
-def check_batch(acts: Activations, x_BD: np.ndarray, idx_B: np.ndarray) -> None:
-    """NaN/Inf rows would poison the parameters silently: name the shard and row instead."""
-    if np.isfinite(x_BD).all():
-        return
-    row = int(idx_B[np.argmin(np.isfinite(x_BD).all(axis=1))])
-    where = f"training row {row}"
-    if hasattr(acts, "shards"):
-        shards = acts.shards("train")
-        bounds = np.cumsum([0] + [sh["rows"] for sh in shards])
-        i = int(np.searchsorted(bounds, row, side="right") - 1)
-        where = f"shard {shards[i]['acts']} row {row - int(bounds[i])}"
-    raise SaeensError(f"{where} holds NaN/Inf activations: recompute the cache (e.g. in float32) or drop that shard")

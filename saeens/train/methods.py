@@ -3,7 +3,8 @@
   single / expanded   jit(single step)            (expanded = one SAE of J*m latents)
   bagging             jit(vmap(single step))      saeens/train/bagging.py
   boosting            jit(single step on stage `state.step // S`, input = residual of the
-                      frozen stages)              saeens/train/boosting.py
+                      frozen stages, computed in the step or read from the stage's residual
+                      cache)                      saeens/train/boosting.py, residual.py
 Each method's step is jitted HERE, once (a config compiles one step program, whatever the stage).
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -20,7 +22,8 @@ from saeens import ensemble, sae
 from saeens.config import RunConfig, SAEConfig, TrainConfig
 from saeens.ensemble import Ensemble
 from saeens.optim import make_optimizer
-from saeens.train import bagging, boosting
+from saeens.data.source import BatchSource
+from saeens.train import bagging, boosting, residual
 from saeens.train.step import init_state, make_step
 
 
@@ -34,6 +37,8 @@ class Method:
     to_ensemble: Callable[[Any], Ensemble]  # final state -> ensemble in activation units
     prepare: Callable[[Any, int, jax.Array], Any] | None = None  # (state, step, sample) before a step
     steps_per_stage: int | None = None  # boosting: the log and the progress bar follow the stages
+    # boosting with a residual cache: (run_dir, source, state, stage) -> the source the stage's steps read
+    stage_source: Callable[[Path, BatchSource, Any, int], BatchSource] | None = None
 
 
 def single_method(cfg: SAEConfig, tcfg: TrainConfig) -> Method:
@@ -56,21 +61,34 @@ def bagging_method(cfg: SAEConfig, tcfg: TrainConfig, members: int) -> Method:
     )
 
 
-def boosting_method(cfg: SAEConfig, tcfg: TrainConfig, stages: int) -> Method:
+def boosting_method(cfg: SAEConfig, tcfg: TrainConfig, stages: int, residual_cache: bool = False) -> Method:
+    """residual_cache: each stage's residual is written once at its start and read by its steps
+    (needs rows by index); otherwise every step recomputes it through the frozen stages."""
     opt, S = make_optimizer(tcfg), tcfg.n_steps
+    stage_source = None
+    if residual_cache:
+        def stage_source(run_dir, source, state, stage):
+            return residual.stage_source(run_dir, source, state, cfg, tcfg, stage, stages)
+
     return Method(
         init=lambda key, sample: boosting.init_stages(key, cfg, tcfg, sample, stages, opt),
-        step=jax.jit(boosting.make_boosting_step(cfg, opt, S), donate_argnums=0),
+        step=jax.jit(boosting.make_boosting_step(cfg, opt, S, residual_given=residual_cache), donate_argnums=0),
         n_steps=stages * S,
         to_ensemble=lambda s: boosting.final_ensemble(cfg, s),
         prepare=boosting.make_prepare(cfg, S),
         steps_per_stage=S,
+        stage_source=stage_source,
     )
 
 
+def build_method(run: RunConfig, residual_cache: bool = False) -> Method:
+    """single | expanded | bagging | boosting -> its Method (cached: a config compiles once).
+    residual_cache applies to boosting only (see `boosting_method`)."""
+    return _build(run, residual_cache and run.ensemble.method == "boosting")
+
+
 @functools.lru_cache(maxsize=16)
-def build_method(run: RunConfig) -> Method:
-    """single | expanded | bagging | boosting -> its Method (cached: a config compiles once)."""
+def _build(run: RunConfig, residual_cache: bool) -> Method:
     method, J = run.ensemble.method, run.ensemble.members
     if method == "single":
         return single_method(run.sae, run.train)
@@ -78,4 +96,4 @@ def build_method(run: RunConfig) -> Method:
         return single_method(run.sae.replace(width=run.sae.width * J), run.train)
     if method == "bagging":
         return bagging_method(run.sae, run.train, J)
-    return boosting_method(run.sae, run.train, J)
+    return boosting_method(run.sae, run.train, J, residual_cache)
