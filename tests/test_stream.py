@@ -104,7 +104,7 @@ def test_init_sample_is_seeded_rows_of_the_stream(tiny_model, tok, docs, cache):
 
 class CacheInStreamOrder:
     """A BatchSource over the cache that serves the stream's batches by the documented layout (and
-    its init sample: ~4n/(T-1) seeded contexts, n seeded rows among theirs)."""
+    its init sample: n seeded rows of the first 2n/(T-1) contexts of epoch 0)."""
 
     def __init__(self, cache, n_contexts):
         self.cache, self.n_contexts, self.d_in = cache, n_contexts, cache.d_in
@@ -113,10 +113,10 @@ class CacheInStreamOrder:
         return {"path": str(self.cache.path), "d_in": self.d_in, "train_rows": self.cache.n_rows("train")}
 
     def init_sample(self, n, seed):
-        rng = np.random.default_rng([seed, 1 << 30])
-        ctx = np.sort(rng.choice(self.n_contexts, size=min(self.n_contexts, -(-4 * n // R)), replace=False))
+        ctx = np.sort(np.random.default_rng([seed, 0]).permutation(self.n_contexts)[: -(-2 * n // R)])
         rows = (ctx[:, None] * R + np.arange(R)).reshape(-1)
-        return self.cache.gather(rows[np.sort(rng.choice(len(rows), size=min(n, len(rows)), replace=False))])
+        pick = np.random.default_rng([seed, 1 << 30]).choice(len(rows), size=min(n, len(rows)), replace=False)
+        return self.cache.gather(rows[np.sort(pick)])
 
     def batch(self, step, batch_size, seed, rows=slice(None)):
         return self.cache.gather(expected_rows(self.n_contexts, seed, step, batch_size)[rows])

@@ -142,12 +142,16 @@ class ModelStream:
                 "context_length": self.runner.T, "buffer_contexts": self.window}
 
     def init_sample(self, n: int, seed: int) -> np.ndarray:
-        """n rows drawn from a seeded ~4n/(T-1) contexts (not from n contexts: each one costs a
-        model call's share); the same on every process."""
-        rng = np.random.default_rng([seed, 1 << 30])
+        """n seeded rows of the first ~2n/(T-1) contexts of epoch 0's order: the contexts that
+        batch 0 of a new run needs first, so they run through the model once for both (not n
+        contexts for n rows, a model call's share each); the same on every process."""
         R = self.rows_per_context
-        ctx = np.sort(rng.choice(self.n_contexts, size=min(self.n_contexts, -(-4 * n // R)), replace=False))
-        rows_ND = np.concatenate([a for _, a in self.runner.run(ctx)]).reshape(-1, self.d_in)
+        ctx = np.sort(_order(self.n_contexts, seed, 0)[: -(-2 * n // R)])
+        rows_ND = np.empty((len(ctx) * R, self.d_in), np.float32)
+        for lo, (ids, acts_NTD) in zip(range(0, len(ctx), self.runner.model_batch), self.runner.run(ctx)):
+            rows_ND[lo * R : (lo + len(ids)) * R] = acts_NTD.reshape(-1, self.d_in)
+            self.buffer.update(zip(ids.tolist(), acts_NTD))
+        rng = np.random.default_rng([seed, 1 << 30])
         return rows_ND[np.sort(rng.choice(len(rows_ND), size=min(n, len(rows_ND)), replace=False))]
 
     def batch(self, step: int, batch_size: int, seed: int, rows: slice = slice(None)) -> np.ndarray:
