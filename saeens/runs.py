@@ -4,6 +4,8 @@
                          it always holds a step to resume from (a run that failed before its first
                          checkpoint leaves no config behind)
   activations.json       the source: cache path, d_in, training rows, model, hook, dataset, split seed
+                         (a stream from the model, kind "stream": also test fraction, context length
+                         and shuffle buffer, which decide its data order)
   checkpoints/, metrics.jsonl   written by the training loop
   ensemble.json + ensemble.safetensors   the finished ensemble in activation units, with the seed,
                          method, arch, width, members and source, so later tools can check what
@@ -32,7 +34,8 @@ ENSEMBLE_META, ENSEMBLE_WEIGHTS = "ensemble.json", "ensemble.safetensors"
 # what an attempt that never reached its first checkpoint may leave (a SIGKILL skips the cleanup)
 RESIDUAL = "residual"  # a boosting run's residual cache (saeens/train/residual.py)
 UNSTARTED = {LOG, CHECKPOINTS, SOURCE, RESIDUAL}
-_SOURCE_KEYS = ("d_in", "train_rows", "model", "hook", "dataset", "split_seed")  # must match on resume
+_SOURCE_KEYS = ("kind", "d_in", "train_rows", "model", "hook", "dataset", "split_seed", "test_fraction",
+                "context_length", "buffer_contexts")  # must match on resume (where recorded)
 
 
 def source_of(source: Any) -> dict[str, Any]:
@@ -59,6 +62,9 @@ def check(run_dir: str | Path, run: RunConfig, source: dict[str, Any]) -> bool:
         if (run_dir / SOURCE).is_file():
             old = read_json(run_dir / SOURCE, "run source", "retrain into a new --out")
             if any(old.get(k) is not None and old.get(k) != source.get(k) for k in _SOURCE_KEYS):
+                if "stream" in (old.get("kind"), source.get("kind")):
+                    raise SaeensError(f"{run_dir} was trained on {_in_words(old)}, not on {_in_words(source)}: repeat "
+                                      "the original --activations or --model flags to resume, or use a new --out")
                 raise SaeensError(
                     f"{run_dir} was trained on {old.get('path')} ({old.get('train_rows')} rows), not on this cache "
                     f"({source['train_rows']} rows): resume with the original --activations or use a new --out"
@@ -69,6 +75,14 @@ def check(run_dir: str | Path, run: RunConfig, source: dict[str, Any]) -> bool:
     if run_dir.is_dir() and any(p.name not in UNSTARTED and not p.name.endswith(".tmp") for p in run_dir.iterdir()):
         raise SaeensError(f"{run_dir} is not empty and holds no run: choose a new --out")
     return False
+
+
+def _in_words(source: dict[str, Any]) -> str:
+    if source.get("kind") != "stream":
+        return f"the cache {source.get('path')} ({source.get('train_rows')} rows)"
+    return (f"the stream of {source.get('model')} at {source.get('hook')} on {source.get('dataset')} (split seed "
+            f"{source.get('split_seed')}, test fraction {source.get('test_fraction')}, context length "
+            f"{source.get('context_length')}, buffer of {source.get('buffer_contexts')} contexts)")
 
 
 def record(run_dir: str | Path, run: RunConfig, source: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from saeens import kernels
 from saeens.config import SAEConfig
+from saeens.precision import matmul
 
 Params = dict[str, jax.Array]
 Coefficients = dict[str, jax.Array | float]  # l1_coeff, l0_coeff, jumprelu_bandwidth
@@ -32,12 +33,6 @@ def coefficients(cfg: SAEConfig) -> Coefficients:
 
 def compute_dtype(cfg: SAEConfig) -> jnp.dtype:
     return jnp.dtype(cfg.compute_dtype)
-
-
-def matmul(a: jax.Array, b: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """a @ b with both operands in `dtype`, accumulated and returned in float32 (losses and
-    reductions stay float32 under bf16; the cast's transpose hands float32 gradients back)."""
-    return jnp.matmul(a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
 
 
 def init(key: jax.Array, cfg: SAEConfig, b_dec_D: jax.Array | None = None) -> Params:
