@@ -10,6 +10,8 @@ the M/block maxima and a top-k of the k*block gathered candidates select the sam
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -17,25 +19,32 @@ SELECT_BLOCK = 16  # latents per block of the first stage
 BATCH_CANDIDATES = 4  # BatchTopK: each row offers its top (this * k) pre-activations
 
 
-def row_top_k(pre_BM: jax.Array, k: int, block: int = SELECT_BLOCK) -> tuple[jax.Array, jax.Array]:
-    """(values [B, k], latent indices [B, k] int32) of each row's k largest pre-activations.
+def row_top_k(
+    z_BM: jax.Array, k: int, block: int = SELECT_BLOCK, bias_M: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """(values [B, k], latent indices [B, k] int32) of each row's k largest of z + bias.
 
-    The two-stage rule runs when it prunes at least half of a row (k * block <= M / 2); the
-    latents past the last whole block (M % block of them) are always candidates.
+    The bias is added inside each stage (never to the whole [B, M] array at once: writing the
+    biased pre-activations out would cost a pass as long as the top-k). The two-stage rule runs
+    when it prunes at least half of a row (k * block <= M / 2); the latents past the last whole
+    block (M % block of them) are always candidates.
     """
-    B, M = pre_BM.shape
+    B, M = z_BM.shape
+    bias_M = jnp.zeros((M,), z_BM.dtype) if bias_M is None else bias_M
     block = min(block, M // (2 * k))
     if block < 2:
-        vals_BK, idx_BK = jax.lax.top_k(pre_BM, k)
+        vals_BK, idx_BK = jax.lax.top_k(z_BM + bias_M, k)
         return vals_BK, idx_BK.astype(jnp.int32)
     nb = M // block
-    whole_BM = pre_BM[:, : nb * block]
-    max_BN = whole_BM.reshape(B, nb, block).max(axis=-1)
+    # a chain of elementwise maxima over strided columns: one loop fusion, bias added on the fly
+    max_BN = functools.reduce(jnp.maximum, [z_BM[:, i : nb * block : block] + bias_M[i : nb * block : block]
+                                            for i in range(block)])
     _, blk_BK = jax.lax.top_k(max_BN, k)  # the k blocks that hold the row's k largest
-    flat_blk = (blk_BK + nb * jnp.arange(B, dtype=blk_BK.dtype)[:, None]).reshape(-1)
-    cand_BC = whole_BM.reshape(B * nb, block)[flat_blk].reshape(B, k * block)
+    rows_BK = blk_BK + nb * jnp.arange(B, dtype=blk_BK.dtype)[:, None]  # the blocks as rows of [B*nb, block]
+    cand_BKb = z_BM[:, : nb * block].reshape(B * nb, block).at[rows_BK].get(mode="promise_in_bounds")
+    cand_BC = (cand_BKb + bias_M[: nb * block].reshape(nb, block).at[blk_BK].get(mode="promise_in_bounds")).reshape(B, -1)
     if nb * block < M:  # the tail that fills no whole block
-        cand_BC = jnp.concatenate([cand_BC, pre_BM[:, nb * block :]], axis=1)
+        cand_BC = jnp.concatenate([cand_BC, z_BM[:, nb * block :] + bias_M[nb * block :]], axis=1)
     vals_BK, pos_BK = jax.lax.top_k(cand_BC, k)
     blk_of_BK = jnp.take_along_axis(blk_BK, jnp.minimum(pos_BK // block, k - 1), axis=1)
     lat_BK = jnp.where(pos_BK < k * block, blk_of_BK * block + pos_BK % block, pos_BK + (nb - k) * block)
@@ -58,7 +67,7 @@ def batch_top_k(pre_BM: jax.Array, k: int, block: int = SELECT_BLOCK) -> tuple[j
         vals, flat = jax.lax.top_k(pre_BM.reshape(-1), n)
         rows, lats = flat // M, flat % M
     else:
-        cv_BC, ci_BC = row_top_k(pre_BM, c, block)
+        cv_BC, ci_BC = row_top_k(pre_BM, c, block)  # (BatchTopK's flat fallback needs pre whole)
         vals, sel = jax.lax.top_k(cv_BC.reshape(-1), n)  # positions in the [B, c] candidates
         rows, lats = sel // c, ci_BC.reshape(-1)[sel]
         need_exact = jnp.any(jnp.zeros((B,), jnp.int32).at[rows].add(1) >= c)
