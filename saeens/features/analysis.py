@@ -45,6 +45,13 @@ def select_features(frequency_F: np.ndarray, n: int | None) -> np.ndarray:
     return ok[np.argsort(-frequency_F[ok], kind="stable")][:n]
 
 
+def _trimmed_hist(counts_K: np.ndarray) -> dict[str, Any]:
+    """The histogram from its first to its last non-empty bin: hist_lo (that first bin's index), hist."""
+    nz = np.flatnonzero(counts_K)
+    lo, hi = (int(nz[0]), int(nz[-1]) + 1) if nz.size else (0, 0)
+    return {"hist_lo": lo, "hist": counts_K[lo:hi].tolist()}
+
+
 def analyse(ens: Ensemble, info: dict[str, Any], acts: ActivationCache, others: list[tuple[str, jax.Array]],
             cfg: FeaturesConfig = FeaturesConfig(), model: Any = None, tokenizer: Any = None,
             progress: bool = True) -> dict[str, Any]:
@@ -84,7 +91,7 @@ def analyse(ens: Ensemble, info: dict[str, Any], acts: ActivationCache, others: 
                         for j in range(J)],
             "runs": [{"run": name, "feature": int(rm["feature"][f, r]), "cos": round(float(rm["cos"][f, r]), 4)}
                      for r, (name, _) in enumerate(others)],
-            "hist": st["hist"][f].tolist(),
+            **_trimmed_hist(st["hist"][f]),
             "contexts": ctx[s],
         }
         if logits is not None:

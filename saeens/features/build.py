@@ -110,7 +110,7 @@ def build(runs: list[str | Path], activations: str | Path, out: str | Path, mode
         rec = analyse(ens, info, acts, others, cfg, lm, tokenizer, progress)
         (out / run_name).mkdir(exist_ok=True)
         rec["consensus"]["export"] = export_consensus(out / run_name / "consensus_sae", ens, rec, acts.meta)
-        atomic_write_json(out / run_name / "features.json", rec)
+        atomic_write_json(out / run_name / "features.json", rec, indent=None)  # compact: it holds every token shown
         records.append(rec)
     write_dashboard(out, records)
     summary = {"format": FORMAT, "runs": [{k: r[k] for k in ("name", "method", "seed", "n_features", "split", "n_tokens",

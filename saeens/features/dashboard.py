@@ -81,14 +81,14 @@ def _token_spans(ctx: dict[str, Any], max_act: float) -> str:
     return "".join(spans)
 
 
-def _histogram(counts: list[int], edges: list[float]) -> str:
-    nz = [i for i, c in enumerate(counts) if c]
-    if not nz:
+def _histogram(counts: list[int], lo: int, edges: list[float]) -> str:
+    """Bars of bins lo .. lo + len(counts) (the non-empty range) as inline SVG."""
+    if not counts:
         return "<p>never fires on these tokens</p>"
-    lo, hi = nz[0], nz[-1] + 1
+    hi = lo + len(counts)
     top, w, h = max(counts), 8, 80
     bars = "".join(f'<rect class="bar" x="{(i - lo) * w}" y="{h - h * c / top:.1f}" width="{w - 1}" height="{h * c / top:.1f}">'
-                   f"<title>[{edges[i]:.3g}, {edges[i + 1]:.3g}): {c}</title></rect>" for i, c in enumerate(counts[lo:hi], lo))
+                   f"<title>[{edges[i]:.3g}, {edges[i + 1]:.3g}): {c}</title></rect>" for i, c in enumerate(counts, lo))
     return (f'<svg class="hist" width="{(hi - lo) * w}" height="{h}" role="img">{bars}</svg>'
             f'<div class="meta">activation {edges[lo]:.3g} .. {edges[hi]:.3g} (log bins), {sum(counts)} tokens</div>')
 
@@ -101,7 +101,7 @@ def feature_page(rec: dict[str, Any], feat: dict[str, Any], shown: set[int]) -> 
            f'fires on {feat["frequency"]:.3%} of {rec["n_tokens"]} {rec["split"]} tokens, mean {_fmt(feat["mean_act"])} '
            f'when firing, max {_fmt(feat["max_act"])}; found by {feat["consensus"]} of {rec["members"]} {role}s'
            + ("" if feat["stability"] is None else f', stability {feat["stability"]:.2f} over {len(feat["runs"])} other runs')
-           + "</p>", '<div class="cols"><div><h2>Activations</h2>', _histogram(feat["hist"], rec["hist_edges"]), "</div>"]
+           + "</p>", '<div class="cols"><div><h2>Activations</h2>', _histogram(feat["hist"], feat["hist_lo"], rec["hist_edges"]), "</div>"]
     if "logits" in feat:
         for side in ("promoted", "suppressed"):
             rows = "".join(f'<tr><td class="l snip">{_e(t)}</td><td>{v:+.3g}</td></tr>' for t, v in feat["logits"][side])
