@@ -1,1 +1,2 @@
-"""Downstream evaluations: spliced LM loss, sparse probing, spurious-correlation removal."""
+"""Evaluations of a trained ensemble: intrinsic (reconstruction, sparsity, dictionary), stability
+across runs, spliced LM loss, sparse probing and spurious-correlation removal."""
