@@ -1,4 +1,4 @@
-"""The `saeens` command end to end, and every bad input of DESIGN.md: one line, exit 2, nothing lost."""
+"""The `saeens` command end to end, and every bad input it refuses: one line, exit 2, nothing lost."""
 
 import json
 
