@@ -17,7 +17,7 @@ from typing import Any
 from saeens import __version__
 from saeens.demo import DemoConfig
 from saeens.errors import SaeensError
-from saeens.train_flags import add_train_args, train_config
+from saeens.train_flags import add_held_out_args, add_train_args, train_config
 
 TRUE_FEATURES = "true_features.npy"  # the known dictionary beside a saeens synthetic cache
 
@@ -55,12 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="reconstruction, sparsity and dictionary metrics of a run")
     p.add_argument("run")
-    p.add_argument("--activations", required=True)
+    p.add_argument("--activations", help="activation cache; without it --model streams the run's held-out documents")
     p.add_argument("--split", default="test", choices=("test", "train", "all"))
     p.add_argument("--json", dest="json_out", help="write the metrics here as JSON")
     p.add_argument("--model", help="also measure spliced LM loss with this model")
     p.add_argument("--layer", type=int)
     p.add_argument("--dataset", help="text for the spliced loss (default: the cache's dataset)")
+    add_held_out_args(p)
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("export", help="write a run in SAELens layout")
@@ -135,17 +136,27 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from saeens.evals.intrinsic import evaluate_run
     from saeens.tables import print_table
 
-    acts = ActivationCache(args.activations)
+    acts = ActivationCache(args.activations) if args.activations else _held_out(args)
     result = evaluate_run(args.run, acts, split=args.split, progress=not args.quiet)
     if args.model:
         from saeens.evals.spliced import spliced_metrics
 
         result.update(spliced_metrics(args.run, acts, args.model, args.layer, args.dataset, progress=not args.quiet))
-    truth = Path(args.activations) / TRUE_FEATURES
-    if truth.is_file():  # a saeens synthetic cache: how many of the known features the dictionary found
+    truth = Path(args.activations) / TRUE_FEATURES if args.activations else None
+    if truth is not None and truth.is_file():  # a saeens synthetic cache: how many of the known features the dictionary found
         result["feature_recovery"] = _feature_recovery(args.run, truth)
     print_table([{"run": args.run, **result}])
     _write_json(args.json_out, result)
+
+
+def _held_out(args: argparse.Namespace) -> Any:
+    """The run's held-out documents streamed through --model at its hook (saeens/data/stream.py)."""
+    from saeens.data.stream import held_out_stream
+    from saeens.runs import load_ensemble
+
+    names = ("layer", "site", "dataset", "context_length", "test_fraction", "split_seed", "tokens", "model_batch")
+    return held_out_stream(load_ensemble(args.run)[1].get("source") or {}, args.model, split=args.split,
+                           **{k: getattr(args, k) for k in names})
 
 
 def _feature_recovery(run: str, truth: Path) -> float:

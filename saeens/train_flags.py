@@ -98,6 +98,20 @@ def add_stream_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model-batch", type=int, default=MODEL_BATCH, help=f"contexts per model call (default: {MODEL_BATCH})")
 
 
+def add_held_out_args(p: argparse.ArgumentParser) -> None:
+    """`saeens evaluate RUN --model M` without --activations: the run's held-out documents streamed
+    through the model; unset flags take the values the run recorded."""
+    from saeens.data.stream import MODEL_BATCH
+
+    g = p.add_argument_group("streaming from --model (instead of --activations; default: the run's values)")
+    g.add_argument("--site", help="hook site (with --layer)")
+    g.add_argument("--context-length", type=int, help="tokens per context")
+    g.add_argument("--test-fraction", type=float, help="documents held out (must be the run's)")
+    g.add_argument("--split-seed", type=int, help="seed of the document split (must be the run's)")
+    g.add_argument("--tokens", type=int, help="held-out tokens to stream (default: every held-out context)")
+    g.add_argument("--model-batch", type=int, default=MODEL_BATCH, help=f"contexts per model call (default: {MODEL_BATCH})")
+
+
 def train_config(args: argparse.Namespace, d_in: int) -> RunConfig:
     """The RunConfig from --config and the flags; every problem is found, the first is reported with its fix."""
     base: dict[str, Any] = (

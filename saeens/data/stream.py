@@ -250,3 +250,43 @@ def model_stream(model_name: str, layer: int, site: str, dataset: str | Sequence
     acts_fn = model_acts_fn(model, hook)  # checks the layer against the model before any corpus work
     info = {"model": model_name, "hook": hook, "layer": int(layer), "site": hook.split(".hook_")[-1]}
     return open_stream(acts_fn, tokenizer, dataset, d_in=model.cfg.d_model, info=info, **kw)
+
+
+def held_out_stream(recorded: dict[str, Any], model_name: str | None, *, split: str = "test", layer: int | None = None,
+                    site: str | None = None, dataset: str | None = None, context_length: int | None = None,
+                    test_fraction: float | None = None, split_seed: int | None = None, tokens: int | None = None,
+                    model_batch: int = MODEL_BATCH) -> HeldOutActivations:
+    """`saeens evaluate RUN --model M`: the test documents of the split the run trained on (its
+    `recorded` source), streamed through the model at the run's hook. Unset arguments default to
+    the recorded ones; another split seed or test fraction is refused (its test documents could
+    be training documents); tokens caps the contexts streamed."""
+    from saeens.models import hook_name, parse_hook
+
+    if model_name is None:
+        raise SaeensError("saeens evaluate needs --activations ACTS (a cache), or --model M to stream the run's held-out documents")
+    if split != "test":
+        raise SaeensError(f"a stream from --model holds the held-out documents, not {split!r}: drop --split or pass --activations")
+    hook = recorded.get("hook")
+    if layer is not None or hook is None:
+        if layer is None:
+            raise SaeensError("the run does not record its hook: pass --layer L (and --site S)")
+        asked = hook_name(layer, site or "resid_post")
+        if hook is not None and asked != hook:
+            raise SaeensError(f"the run was trained at {hook}, not at {asked}: drop --layer and --site")
+        hook = asked
+    for flag, key, given in (("--split-seed", "split_seed", split_seed), ("--test-fraction", "test_fraction", test_fraction)):
+        if given is not None and recorded.get(key) is not None and given != recorded[key]:
+            raise SaeensError(f"the run was trained on the split of {key.replace('_', ' ')} {recorded[key]}: drop {flag} "
+                              "(another split's held-out documents may be training documents)")
+
+    def pick(given: Any, key: str, default: Any) -> Any:
+        return given if given is not None else recorded[key] if recorded.get(key) is not None else default
+
+    T = pick(context_length, "context_length", CONTEXT_LENGTH)
+    layer, site = parse_hook(hook)
+    out = model_stream(model_name, layer, site, dataset or pick(None, "dataset", "bbc-news"), split="test",
+                       context_length=T, test_fraction=pick(test_fraction, "test_fraction", TEST_FRACTION),
+                       split_seed=pick(split_seed, "split_seed", SPLIT_SEED), model_batch=model_batch,
+                       max_contexts=None if tokens is None else -(-tokens // (T - 1)))
+    assert isinstance(out, HeldOutActivations)
+    return out
