@@ -52,6 +52,12 @@ def saeens_version() -> str:
     return str(getattr(saeens, "__version__", "unknown"))
 
 
+def _shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
+    """Every SAELens tensor's shape for this SAE."""
+    return {"W_enc": (cfg.d_in, cfg.width), "b_enc": (cfg.width,), "W_dec": (cfg.width, cfg.d_in),
+            "b_dec": (cfg.d_in,), "threshold": (cfg.width,)}
+
+
 def _np32(x: Any) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(jax.device_get(x), dtype=np.float32))
 
@@ -72,8 +78,7 @@ def saelens_tensors(cfg: SAEConfig, params: Params) -> tuple[dict[str, np.ndarra
                 "check the training run (the inference threshold should be >= 0)"
             )
         tensors["threshold"] = threshold
-    shapes = {"W_enc": (cfg.d_in, cfg.width), "b_enc": (cfg.width,), "W_dec": (cfg.width, cfg.d_in),
-              "b_dec": (cfg.d_in,), "threshold": (cfg.width,)}
+    shapes = _shapes(cfg)
     for k, v in tensors.items():
         if v.shape != shapes[k]:
             raise SaeensError(f"{k} has shape {v.shape}, expected {shapes[k]} for d_in={cfg.d_in}, width={cfg.width}")
@@ -239,8 +244,7 @@ def load_saelens(path: Path | str) -> tuple[SAEConfig, Params]:
             f"{path / WEIGHTS_FILENAME} has tensors {sorted(tensors)}: missing {missing}, unexpected {unknown} "
             f"for a {cfg_json['architecture']!r} SAE; re-export the directory"
         )
-    shapes = {"W_enc": (cfg.d_in, cfg.width), "b_enc": (cfg.width,), "W_dec": (cfg.width, cfg.d_in),
-              "b_dec": (cfg.d_in,), "threshold": (cfg.width,)}
+    shapes = _shapes(cfg)
     arrs = {}
     for k, v in tensors.items():
         if tuple(v.shape) != shapes[k]:
