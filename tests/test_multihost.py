@@ -5,9 +5,10 @@ bottom of this file): `saeens.sharding.initialize_distributed`, then `train.fit(
 over the 8 devices of both processes. Phase 1 trains 3 steps on a (4, 2) mesh (members split
 across the processes; each process reads the full batch) and writes a multi-process orbax
 checkpoint; phase 2 resumes it on a (1, 8) mesh (batch rows split across the processes; each
-process reads only its half of every batch) for 2 more steps. The result must equal a
-single-process, unsharded run of the same 5 steps. (Both phases stop before the last step:
-`fit` writes ensemble.safetensors from every process when a run finishes, see TPU.md.)
+process reads only its half of every batch) to the end of the run. The result must equal a
+single-process, unsharded run of the same 6 steps, and the run directory must hold the finished
+run (config.json, ensemble.json, ensemble.safetensors: written by process 0 alone) that
+`load_ensemble` reads back.
 """
 
 import contextlib
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 J, D, M, B, STEPS = 4, 16, 32, 64, 6
-TIMEOUT_S = 120  # normally ~30 s of work; a hung collective ends here
+TIMEOUT_S = 300  # normally ~30 s of work; a hung collective ends here
 
 
 def _run():
@@ -46,7 +47,7 @@ class _CountingActs:
     """The activations, recording how many rows each gather reads."""
 
     def __init__(self, acts):
-        self.acts, self.rows = acts, []
+        self.acts, self.rows, self.d_in = acts, [], acts.d_in
 
     def n_rows(self, split="train"):
         return self.acts.n_rows(split)
@@ -64,6 +65,7 @@ def _free_port() -> int:
 
 def test_two_processes_train_one_ensemble(tmp_path):
     from saeens import train
+    from saeens.config import RunConfig
 
     port = _free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
@@ -90,17 +92,24 @@ def test_two_processes_train_one_ensemble(tmp_path):
                       for i, p in enumerate(procs))
     assert all(p.returncode == 0 for p in procs), tails
 
-    ref = train.fit(tmp_path / "single", _run(), _acts(), progress=False, stop_after=STEPS - 1)
+    ref = train.fit(tmp_path / "single", _run(), _acts(), progress=False)
     for i in range(2):
         info = json.loads((tmp_path / f"info{i}.json").read_text())
         assert info["process_count"] == 2 and info["devices"] == 8 and info["local_devices"] == 4
-        # (4,2): each process holds every batch row; (1,8): only its half of them
-        assert set(info["rows_read"]["4x2"]) == {B}
-        assert set(info["rows_read"]["1x8"]) == {B // 2}
+        # (4,2): each process reads every batch row; (1,8): only its half of them (3 steps each,
+        # read block by block)
+        assert sum(info["rows_read"]["4x2"]) == 3 * B
+        assert sum(info["rows_read"]["1x8"]) == 3 * B // 2
         assert info["process_rows_1x8"] == list(range(i * B // 2, (i + 1) * B // 2))
         got = np.load(tmp_path / f"params{i}.npz")
         for name, leaf in ref.params.items():
             np.testing.assert_allclose(got[name], np.asarray(leaf), rtol=1e-5, atol=1e-5, err_msg=f"process {i} {name}")
+    run_dir = tmp_path / "shared_run"  # the finished run's files, as a later `saeens evaluate` reads them
+    assert RunConfig.load(run_dir / "config.json") == _run()
+    saved, meta = train.load_ensemble(run_dir)
+    assert meta["method"] == "bagging" and meta["members"] == J
+    for name, leaf in ref.params.items():
+        np.testing.assert_allclose(np.asarray(saved.params[name]), np.asarray(leaf), rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 def worker(process_id: int, port: int, out: Path) -> None:
@@ -118,7 +127,7 @@ def worker(process_id: int, port: int, out: Path) -> None:
     train.fit(run_dir, run, counting, progress=False, mesh=shd.make_mesh(4, 2), stop_after=3)
     rows["4x2"], counting.rows = counting.rows[1:], []  # [0] is the init sample, read in full
     mesh = shd.make_mesh(1, 8)
-    ens = train.fit(run_dir, run, counting, progress=False, mesh=mesh, stop_after=STEPS - 1 - 3)
+    ens = train.fit(run_dir, run, counting, progress=False, mesh=mesh)
     rows["1x8"] = counting.rows[1:]
     np.savez(out / f"params{process_id}.npz", **{k: np.asarray(v) for k, v in ens.params.items()})
     info = {"process_count": jax.process_count(), "devices": jax.device_count(),
