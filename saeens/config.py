@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +150,7 @@ class SweepConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """Everything a training run needs; written as config.json in the run directory."""
+    """Everything a training run needs; saeens/runs.py writes it as config.json in the run directory."""
 
     sae: SAEConfig
     train: TrainConfig
@@ -189,9 +188,6 @@ class RunConfig:
         extra = set(d) - {"sae", "train", "ensemble", "sweep"}
         _require(not extra, f"unknown config section(s) {sorted(extra)}: use only sae, train, ensemble, sweep")
         return cls(**parts)
-
-    def save(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def load(cls, path: Path) -> "RunConfig":
