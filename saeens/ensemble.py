@@ -2,7 +2,7 @@
 
 An Ensemble holds the member params stacked on a leading axis J, the non-negative weights alpha_j
 and whether encoding is sequential (boosting: member j encodes the residual of members < j).
-Every ensemble decodes the same way (Proposition 1 of the paper):
+Every ensemble decodes the same way, as ONE SAE over the concatenated dictionary:
     codes c = [alpha_1 c^1; ...; alpha_J c^J],   x_hat = c @ [W_dec^1; ...; W_dec^J] + sum_j alpha_j b_dec^j
 so features (decoder rows) stay unit norm and the weights sit on the codes. Bagging has
 alpha_j = 1/J (the ensemble b_dec is the MEAN of the members'), boosting alpha_j = 1.
