@@ -94,6 +94,8 @@ def test_held_out_contexts_are_test_documents_of_a_mixture(tmp_path):
     np.testing.assert_array_equal(ctx, held_out_contexts(acts, tok, 6, docs))
     with pytest.raises(SaeensError, match="not the ones the cache"):
         held_out_contexts(acts, tok, 6, docs[:-1])
+    with pytest.raises(SaeensError, match="does not record a named dataset: pass --dataset"):
+        held_out_contexts(acts, tok, 6)  # built from a list of documents, not a corpus name
     train, test = split_documents(docs, 0.2, 3)
     rows = [tok.decode([int(t) for t in row if t != 0]) for row in ctx]
     whole = [d for d in docs if any(d.text in r for r in rows)]  # documents that fit whole in a row

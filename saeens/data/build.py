@@ -253,6 +253,15 @@ def build_cache(
     )
 
 
+def source_documents(acts: ActivationCache, dataset: str | None = None) -> list[Document]:
+    """The corpus `acts` was built from: `dataset` when given, else the named dataset meta.json records."""
+    dataset = dataset or acts.meta.get("dataset")
+    if not dataset or dataset == "documents":
+        raise SaeensError(f"the cache in {acts.path} does not record a named dataset: pass --dataset D "
+                          "(the corpus it was built from)")
+    return load_corpus(dataset)
+
+
 def held_out_contexts(acts: ActivationCache, tokenizer: Any, n_contexts: int,
                       documents: Sequence[Document] | None = None) -> np.ndarray:
     """int32 [n, context_length] contexts of the TEST documents of the split `acts` was built with.
@@ -264,16 +273,11 @@ def held_out_contexts(acts: ActivationCache, tokenizer: Any, n_contexts: int,
     mixture of corpora is sampled evenly.
     """
     meta = acts.meta
-    dataset = meta.get("dataset")
-    if documents is None:
-        if not dataset or dataset == "documents":
-            raise SaeensError(f"the cache in {acts.path} does not record a named dataset: pass --dataset D "
-                              "(the corpus it was built from)")
-        documents = load_corpus(dataset)
+    documents = source_documents(acts) if documents is None else documents
     recorded = (meta.get("request") or {}).get("documents_fingerprint")
     if recorded is not None and recorded != _fingerprint(documents):
         raise SaeensError(f"these documents are not the ones the cache in {acts.path} was built from "
-                          f"({dataset}): pass that corpus")
+                          f"({meta.get('dataset')}): pass that corpus")
     seed = int(meta.get("split_seed", SPLIT_SEED))
     _, test = split_documents(list(documents), float(meta.get("test_fraction", TEST_FRACTION)), seed)
     order = np.random.default_rng(seed).permutation(len(test))

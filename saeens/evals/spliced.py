@@ -151,8 +151,7 @@ def spliced_metrics(run: str | Path, acts, model_name: str, layer: int | None, d
     """`saeens evaluate --model`: the run's hook (or blocks.<layer>.hook_resid_post) on the held-out
     contexts of the cache `acts` (data.build.held_out_contexts); `dataset` names the corpus when the
     cache does not record it."""
-    from saeens.data.build import held_out_contexts
-    from saeens.data.corpora import load_corpus
+    from saeens.data.build import held_out_contexts, source_documents
     from saeens.models import hook_name, load_model
     from saeens.train import load_ensemble
 
@@ -164,7 +163,7 @@ def spliced_metrics(run: str | Path, acts, model_name: str, layer: int | None, d
         hook = hook_name(layer, "resid_post")
     if hook is None:
         raise SaeensError(f"the run in {run} does not record its hook: pass --layer L")
+    documents = source_documents(acts, dataset)  # before the model: a missing corpus fails fast
     model, tokenizer = load_model(model_name)
-    documents = load_corpus(dataset) if dataset else None
     contexts = held_out_contexts(acts, tokenizer, cfg.n_contexts, documents)
     return {"hook": hook, **spliced_losses(model, ens, hook, contexts, cfg.batch_size, progress)}
