@@ -5,6 +5,7 @@
     packed = pack_documents(train, tokenizer, 128)      # int32 [n_ctx, 128], BOS first
     build_cache("smollm2-135m", 15, "resid_post", "bbc-news", 1_000_000, "acts")
     cache = ActivationCache("acts")
+    contexts = held_out_contexts(cache, tokenizer, 64)  # its test documents, packed as it was built
 """
 
 from saeens.data.cache import ActivationCache, CacheWriter, batch_indices, cache_from_array
@@ -16,7 +17,7 @@ from saeens.data.corpora import (
     load_hub_dataset,
     split_documents,
 )
-from saeens.data.build import build_cache, cache_documents, held_out_contexts
+from saeens.data.build import build_cache, cache_documents, held_out_contexts, source_documents
 from saeens.data.extract import extract_to_cache, model_acts_fn
 from saeens.data.tokens import (
     PackedContexts,
@@ -48,5 +49,6 @@ __all__ = [
     "load_hub_dataset",
     "model_acts_fn",
     "pack_documents",
+    "source_documents",
     "split_documents",
 ]
