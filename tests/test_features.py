@@ -29,6 +29,7 @@ from saeens.features import (
     member_matches,
     run_matches,
 )
+from saeens.features.stats import chunk_top
 from saeens.io.saelens import load_saelens
 from saeens.runs import save_ensemble
 
@@ -78,6 +79,17 @@ def test_one_pass_equals_brute_force(acts, arch, method):
         np.testing.assert_allclose(st["metrics_consensus"][k], want[k], rtol=1e-5)
     full = metrics.evaluate_stream(partial(ensemble.forward, ens), acts.chunks("all", 573), ens.width, cofire=False)
     np.testing.assert_allclose(st["metrics_full"]["mse"], full["mse"], rtol=1e-5)
+
+
+def test_chunk_top_equals_full_top_k_ties_included():
+    rng = np.random.default_rng(0)
+    cand = np.where(rng.random((203, 5)) < 0.3, rng.integers(1, 4, (203, 5)).astype(np.float32), -np.inf)  # many ties
+    for n in (1, 7, 40):
+        val, row = chunk_top(jnp.asarray(cand), n)
+        order = np.argsort(-cand, axis=0, kind="stable")[:n].T
+        np.testing.assert_array_equal(np.asarray(val), np.take_along_axis(cand.T, order, 1))
+        finite = np.isfinite(np.asarray(val))
+        np.testing.assert_array_equal(np.asarray(row)[finite], order[finite])
 
 
 def test_contexts_are_the_cache_text_around_the_row(acts, tiny_model):

@@ -59,14 +59,28 @@ def init_feature_stats(n_features: int, top_n: int) -> FeatureStats:
     )
 
 
+def chunk_top(cand_BF: jax.Array, n: int, group: int = 16) -> tuple[jax.Array, jax.Array]:
+    """Each column's min(n, B) largest values and their rows [F, k], descending, the lower row first
+    among equal values; lax.top_k over [F, B] costs more than the encoder on CPU, so only the n
+    groups of `group` rows with the largest maxima are ranked: they hold the n largest values (a
+    group holding one of them has a maximum at least that large, and at most n - 1 groups beat it)."""
+    B, F = cand_BF.shape
+    n_groups = -(-B // group)
+    cand_GgF = jnp.pad(cand_BF, ((0, n_groups * group - B), (0, 0)), constant_values=-jnp.inf).reshape(n_groups, group, F)
+    _, best_Fk = jax.lax.top_k(cand_GgF.max(1).T, min(n, n_groups))
+    best_kF = jnp.sort(best_Fk, axis=-1).T  # groups in row order, so ties keep the lower row first
+    vals_FC = jnp.take_along_axis(cand_GgF, best_kF[:, None, :], axis=0).reshape(-1, F).T
+    rows_FC = (best_kF[:, None, :] * group + jnp.arange(group)[None, :, None]).reshape(-1, F).T
+    val_Fk, take_Fk = jax.lax.top_k(vals_FC, min(n, B))
+    return val_Fk, jnp.take_along_axis(rows_FC, take_Fk, axis=1)
+
+
 def update_feature_stats(s: FeatureStats, codes_BF: jax.Array, row0: jax.Array) -> FeatureStats:
     """Fold the codes of rows row0 .. row0 + B - 1 into the running statistics (pure)."""
     B, F = codes_BF.shape
     N = s.top_val_FN.shape[1]
     on_BF = codes_BF > 0
-    cand_FB = jnp.where(on_BF, codes_BF, -jnp.inf).T
-    k = min(N, B)
-    val_Fk, pos_Fk = jax.lax.top_k(cand_FB, k)  # ties: the lower (earlier) row first
+    val_Fk, pos_Fk = chunk_top(jnp.where(on_BF, codes_BF, -jnp.inf), N)
     # the buffer first: among equal values its (earlier) rows win, as in a stable sort of all rows
     val_FM = jnp.concatenate([s.top_val_FN, val_Fk], axis=1)
     row_FM = jnp.concatenate([s.top_row_FN, (row0 + pos_Fk).astype(jnp.int32)], axis=1)
