@@ -28,15 +28,16 @@ from typing import Any
 import numpy as np
 
 from saeens.data.cache import ActivationCache, CacheWriter, read_meta
+from saeens.data.corpora import DEFAULT_SPLIT_SEED as SPLIT_SEED
+from saeens.data.corpora import DEFAULT_TEST_FRACTION as TEST_FRACTION
 from saeens.data.corpora import Document, load_corpus, split_documents
 from saeens.data.extract import ActsFn, extract_to_cache, model_acts_fn
 from saeens.data.tokens import PackedContexts, iter_packed, pack_documents, tokenizer_name
 from saeens.errors import SaeensError
 
-# The split a cache is built with unless asked otherwise (and assumed for caches that do not record one).
+# A cache's context length unless asked otherwise (and assumed for caches that do not record one);
+# the split's defaults, TEST_FRACTION and SPLIT_SEED, are corpora.split_documents'.
 CONTEXT_LENGTH = 128
-TEST_FRACTION = 0.1
-SPLIT_SEED = 0
 
 
 def _resolve_documents(dataset: str | Sequence[Document], dataset_kwargs: dict[str, Any] | None) -> tuple[str, list[Document]]:
