@@ -144,6 +144,74 @@ def test_training_from_the_stream_equals_training_from_the_cache(tiny_model, tok
     assert recorded["kind"] == "stream" and recorded["hook"] == HOOK and recorded["buffer_contexts"] == W
 
 
+@pytest.fixture
+def tiny_world(tiny_model, tok, docs, monkeypatch):
+    """`--model tiny`, `--dataset tinynews` and `--dataset empty` for the command line (everything
+    else is real: another dataset name is looked up on the (offline) hub)."""
+    from saeens import models
+    from saeens.data import build, corpora
+
+    real = corpora.load_corpus
+    monkeypatch.setattr(models, "load_model", lambda name: (tiny_model, tok) if name == "tiny" else models.registry.load_model(name))
+    for module in (corpora, build):  # build: the spliced loss's held-out contexts
+        monkeypatch.setattr(module, "load_corpus", lambda name, **kw: {"tinynews": list(docs), "empty": []}.get(name)
+                            if name in ("tinynews", "empty") else real(name, **kw))
+
+
+TRAIN = ["--dataset", "tinynews", "--context-length", str(T), "--buffer-contexts", str(W), "--model-batch", "8",
+         "--method", "bagging", "--members", "2", "--arch", "topk", "--width", "16", "--k", "3", "--tokens", "640",
+         "--batch-size", "64", "--quiet"]
+
+
+def test_cli_trains_and_evaluates_from_the_model_like_from_its_cache(tiny_world, tiny_model, tok, docs, cache, tmp_path,
+                                                                     capsys):
+    from saeens.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--model", "tiny", "--layer", "1", "--out", str(run), *TRAIN]) == 0
+    src = json.loads((run / "activations.json").read_text())
+    assert (src["kind"], src["model"], src["hook"], src["dataset"], src["split_seed"], src["context_length"]) == (
+        "stream", "tiny", HOOK, "tinynews", 0, T)
+    assert json.loads((run / "ensemble.json").read_text())["hook"] == HOOK
+    capsys.readouterr()
+    for other in (["--split-seed", "1"], ["--context-length", "32"], ["--buffer-contexts", "4"], ["--layer", "0"]):
+        argv = ["train", "--model", "tiny", "--layer", "1", "--out", str(run), *TRAIN, *other]
+        assert main(argv) == 2, other
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("saeens: error: ") and "was trained on the stream of tiny" in err and "\n" not in err
+    assert main(["train", "--activations", str(cache.path), "--out", str(run), *TRAIN[8:]]) == 2
+    assert "not on the cache" in capsys.readouterr().err
+    # held-out documents streamed through the model == the test rows of a cache of the same split
+    streamed, cached = tmp_path / "s.json", tmp_path / "c.json"
+    assert main(["evaluate", str(run), "--model", "tiny", "--json", str(streamed), "--quiet"]) == 0
+    assert main(["evaluate", str(run), "--activations", str(cache.path), "--json", str(cached), "--quiet"]) == 0
+    a, b = json.loads(streamed.read_text()), json.loads(cached.read_text())
+    assert a["n_tokens"] == b["n_tokens"] == cache.n_rows("test")
+    for k in ("mse", "explained_variance", "l0", "dead_fraction", "connectivity"):
+        assert a[k] == pytest.approx(b[k], rel=1e-5), k
+    assert {"ce_loss_clean", "ce_loss_spliced", "delta_lm_loss"} <= set(a)  # --model also measures the spliced loss
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--model", "tiny", "--split-seed", "3", "--quiet"]) == 2
+    assert "drop --split-seed" in capsys.readouterr().err
+
+
+def test_a_missing_model_or_dataset_a_bad_layer_and_an_empty_corpus_fail_as_the_cache_does(tiny_world, tmp_path,
+                                                                                            capsys):
+    from saeens.cli import main
+
+    cases = [["--model", "no-such-model", "--layer", "1"], ["--model", "tiny", "--layer", "2"],
+             ["--model", "tiny", "--layer", "1", "--dataset", "no-such-dataset"],
+             ["--model", "tiny", "--layer", "1", "--dataset", "empty"],
+             ["--model", "tiny", "--layer", "1", "--dataset", "tinynews", "--context-length", "100000"]]
+    for case in cases:
+        assert main(["cache", "--out", str(tmp_path / "acts"), *case]) == 2, case
+        want = capsys.readouterr().err.strip().splitlines()[-1]  # after the cache's progress bar
+        assert main(["train", "--out", str(tmp_path / "run"), *TRAIN[2:], *case]) == 2, case
+        got = capsys.readouterr().err.strip()
+        assert got == want and got.startswith("saeens: error: ") and "\n" not in got, (case, got, want)
+    assert not (tmp_path / "run").exists()
+
+
 def _checkpoint_steps(run: Path) -> list[int]:
     d = run / "checkpoints"
     return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
