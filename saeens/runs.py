@@ -50,9 +50,9 @@ def has_checkpoint(run_dir: str | Path) -> bool:
     return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
 
 
-def check(run_dir: str | Path, run: RunConfig, source: dict[str, Any]) -> bool:
-    """Whether run_dir holds this run to resume (False: a new run). Refuses another config, another
-    source, or a directory that holds something else."""
+def check(run_dir: str | Path, run: RunConfig, source: dict[str, Any]) -> None:
+    """run_dir is new, or holds this run to resume: refuses another config, another source, or a
+    directory that holds something else."""
     run_dir = Path(run_dir)
     if (run_dir / CONFIG).is_file():
         if RunConfig.load(run_dir / CONFIG) != run:
@@ -69,9 +69,9 @@ def check(run_dir: str | Path, run: RunConfig, source: dict[str, Any]) -> bool:
                     f"{run_dir} was trained on {old.get('path')} ({old.get('train_rows')} rows), not on this cache "
                     f"({source['train_rows']} rows): resume with the original --activations or use a new --out"
                 )
-        return True
+        return
     if has_checkpoint(run_dir):  # a run of a version that wrote no config.json: adopt it
-        return True
+        return
     if run_dir.is_dir() and any(p.name not in UNSTARTED and not p.name.endswith(".tmp") for p in run_dir.iterdir()):
         raise SaeensError(f"{run_dir} is not empty and holds no run: choose a new --out")
     return False
