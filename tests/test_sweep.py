@@ -141,3 +141,20 @@ def test_a_config_file_sweeps_a_coefficient_the_architecture_does_not_use_is_ref
     cfg.write_text(json.dumps({"ensemble": {"method": "sweep"}, "sweep": {"l0_coeff": [0.1, 1]}}))
     _fails(capsys, ["train", "--activations", str(acts), "--out", str(tmp_path / "r"), "--config", str(cfg), *COMMON],
            "sweeping l0_coeff applies to jumprelu, not to relu")
+
+
+def test_sweep_on_a_device_mesh_equals_unsharded_and_resumes_exactly(syn, tmp_path):
+    """Members (and their settings) split over the mesh's ensemble axis, the batch over data; an
+    interrupted sweep resumed on the mesh ends where the uninterrupted unsharded one does."""
+    from saeens import sharding
+    from saeens.data.cache import ArrayActivations
+
+    run = RunConfig(SAEConfig(16, 32, "relu"), TrainConfig(n_tokens=10 * BATCH, batch_size=BATCH, lr=3e-3, checkpoint_every=4),
+                    EnsembleConfig("sweep", 4), SweepConfig(lr=[1e-3, 3e-3], l1_coeff=[0.5, 2.0]))
+    acts = ArrayActivations(syn.acts_ND)
+    plain = train.fit(tmp_path / "plain", run, acts, progress=False)
+    mesh = sharding.make_mesh(2, 2, jax.devices()[:4])
+    train.fit(tmp_path / "mesh", run, acts, progress=False, mesh=mesh, stop_after=5)
+    meshed = train.fit(tmp_path / "mesh", run, acts, progress=False, mesh=mesh)
+    for name, leaf in plain.params.items():
+        np.testing.assert_allclose(np.asarray(meshed.params[name]), np.asarray(leaf), rtol=1e-5, atol=1e-6, err_msg=name)
