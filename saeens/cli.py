@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model for the text and logit effects (default: the cache's model; 'none': neither)")
     p.add_argument("--split", default="test", choices=("test", "train", "all"))
     p.add_argument("--top-n", type=int, default=10, help="top activating contexts per feature")
-    p.add_argument("--select", type=int, help="show only N features: the most frequent among the non-dense ones")
+    p.add_argument("--select", type=int, help="show only N non-dense features: highest consensus first, then most frequent")
     p.add_argument("--consensus-t", type=int, help="consensus keeps features found by >= T members (default 2)")
     p.add_argument("--quiet", action="store_true")
     return ap

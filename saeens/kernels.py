@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from saeens import topk
+from saeens import precision, topk
 from saeens.config import SAEConfig
 from saeens.errors import SaeensError
 
@@ -50,6 +50,7 @@ Params = dict[str, jax.Array]
 
 CHUNK = 2048  # entries per scan step (64 tokens x k=32): keeps the gathered rows in cache
 AUX_BLOCK = 256  # dead latents per AuxK block
+LANES = 2  # TopK: independent slices of the batch (one per CPU core this machine class has)
 
 
 class Spec(NamedTuple):
@@ -61,6 +62,8 @@ class Spec(NamedTuple):
     chunk: int = CHUNK
     aux_block: int = AUX_BLOCK
     select_block: int = topk.SELECT_BLOCK
+    compute_dtype: str = "float32"  # the encoder product and the selection ("bfloat16" on accelerators)
+    lanes: int = LANES
 
 
 def spec_of(
@@ -68,7 +71,7 @@ def spec_of(
 ) -> Spec:
     if cfg.arch not in ("topk", "batchtopk"):
         raise ValueError(f"the sparse kernel covers topk and batchtopk, not {cfg.arch!r}: use kernel='dense'")
-    return Spec(cfg.k, cfg.k_aux, cfg.arch == "batchtopk", chunk, aux_block, select_block)
+    return Spec(cfg.k, cfg.k_aux, cfg.arch == "batchtopk", chunk, aux_block, select_block, cfg.compute_dtype)
 
 
 def dense_codes(a_N: jax.Array, rows_N: jax.Array, lat_N: jax.Array, B: int, M: int) -> jax.Array:
@@ -94,8 +97,9 @@ def _blocks(n: int, size: int, *arrays: jax.Array) -> list[jax.Array]:
     return [jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape(-1, size, *a.shape[1:]) for a in arrays]
 
 
-def _rows_pass(v_BK, lat_BK, xc_BD, W_dec_MD, chunk: int, grads: bool):
-    """TopK: the error xc - sum_k a W_dec[latent] [B, D] and (grads) the main loss's _Grads.
+def _rows_pass(v_BK, lat_BK, xc_BD, W_dec_MD, chunk: int, grads: bool, n_tokens: int):
+    """TopK: the error xc - sum_k a W_dec[latent] [B, D] and (grads) the main loss's _Grads, for
+    these B of the batch's n_tokens tokens.
 
     Padding tokens carry v = 0, so they add nothing to the gradients; their errors are sliced off.
     """
@@ -111,7 +115,7 @@ def _rows_pass(v_BK, lat_BK, xc_BD, W_dec_MD, chunk: int, grads: bool):
         err_TD = xc_TD - jnp.einsum("tk,tkd->td", a_TK, W_TKD)
         if not grads:
             return acc, (err_TD, None)
-        g_TD = (-2.0 / B) * err_TD
+        g_TD = (-2.0 / n_tokens) * err_TD
         dv_TK = jnp.where(v_TK > 0, jnp.einsum("td,tkd->tk", g_TD, W_TKD), 0)
         l_E = l_TK.reshape(-1)
         dWd_MD = acc[0].at[l_E].add((a_TK[:, :, None] * g_TD[:, None]).reshape(-1, D), mode="promise_in_bounds")
@@ -124,6 +128,35 @@ def _rows_pass(v_BK, lat_BK, xc_BD, W_dec_MD, chunk: int, grads: bool):
     if not grads:
         return err_BD, None
     return err_BD, _Grads(acc[0], acc[1], dv_NTK.reshape(-1)[: B * K])
+
+
+def _encoder_product(xc_BD, W_enc, compute_dtype: str):
+    """(x - b_dec) @ W_enc in the compute dtype (bf16 halves the [B, m] array the selection reads;
+    the kept values are cast back to fp32)."""
+    return precision.matmul(xc_BD, W_enc, compute_dtype).astype(compute_dtype)
+
+
+def _rows_lanes(spec: Spec, xc_BD, W_enc, b_enc, W_dec, grads: bool):
+    """The encoder product, TopK selection and `_rows_pass` on `spec.lanes` independent slices of
+    the batch.
+
+    XLA:CPU runs independent ops at once, and the top-k calls and the gather/scatter loops are
+    single-threaded: in slices they keep every core busy (one product per slice: slicing one
+    [B, m] product would copy it). The slices' gradients are summed.
+    """
+    B = xc_BD.shape[0]
+    lanes = max(1, min(spec.lanes, B))
+    bounds = [B * i // lanes for i in range(lanes + 1)]
+    v, lat, err, parts = [], [], [], []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        z_BM = _encoder_product(xc_BD[lo:hi], W_enc, spec.compute_dtype)
+        v_BK, lat_BK = topk.row_top_k(z_BM, spec.k, spec.select_block, b_enc)
+        v_BK = v_BK.astype(W_dec.dtype)
+        err_BD, main = _rows_pass(v_BK, lat_BK, xc_BD[lo:hi], W_dec, spec.chunk, grads, B)
+        v, lat, err, parts = v + [v_BK.reshape(-1)], lat + [lat_BK.reshape(-1)], err + [err_BD], parts + [main]
+    main = None if not grads else _Grads(
+        sum(g.W_dec for g in parts), sum(g.W_enc_T for g in parts), jnp.concatenate([g.dv_N for g in parts]))
+    return jnp.concatenate(v), jnp.concatenate(lat), jnp.concatenate(err), main
 
 
 # --------------------------------------------------------------------------- BatchTopK: entry chunks
@@ -254,14 +287,13 @@ def _forward(spec: Spec, W_enc, b_enc, W_dec, b_dec, x_BD, dead_M, grads: bool):
     B = x_BD.shape[0]
     M = W_dec.shape[0]
     xc_BD = x_BD - b_dec
-    pre_BM = xc_BD @ W_enc + b_enc
     if spec.batch:
-        v_N, rows_N, lat_N = topk.batch_top_k(pre_BM, spec.k, spec.select_block)
+        z_BM = _encoder_product(xc_BD, W_enc, spec.compute_dtype)
+        v_N, rows_N, lat_N = topk.batch_top_k(z_BM + b_enc.astype(z_BM.dtype), spec.k, spec.select_block)
+        v_N = v_N.astype(W_dec.dtype)
         err_BD, main = _entries_pass(v_N, rows_N, lat_N, xc_BD, W_dec, spec.chunk, grads)
     else:
-        v_BK, lat_BK = topk.row_top_k(pre_BM, spec.k, spec.select_block)
-        err_BD, main = _rows_pass(v_BK, lat_BK, xc_BD, W_dec, spec.chunk, grads)
-        v_N, lat_N = v_BK.reshape(-1), lat_BK.reshape(-1)
+        v_N, lat_N, err_BD, main = _rows_lanes(spec, xc_BD, W_enc, b_enc, W_dec, grads)
         rows_N = jnp.repeat(jnp.arange(B, dtype=jnp.int32), spec.k)
     mse = jnp.sum(err_BD**2) / B
     blk = min(spec.aux_block, M)

@@ -224,8 +224,8 @@ def test_features_command(tmp_path, acts, capsys):
     assert [r["name"] for r in summary["runs"]] == ["relu0", "relu0-2", "boost"]
     rec = json.loads((out / "relu0" / "features.json").read_text())
     assert rec["other_runs"] == ["relu0-2", "boost"] and len(rec["features"]) == 5
-    freq = [f["frequency"] for f in rec["features"]]
-    assert freq == sorted(freq, reverse=True) and max(freq) <= metrics.DENSE_THRESHOLD
+    order = [(-f["consensus"], -f["frequency"]) for f in rec["features"]]
+    assert order == sorted(order) and max(f["frequency"] for f in rec["features"]) <= metrics.DENSE_THRESHOLD
     assert all(f["contexts"][0]["tokens"][f["contexts"][0]["focus"]].startswith("#") for f in rec["features"])
     cfg, params = load_saelens(out / "relu0" / "consensus_sae")
     assert cfg.width == rec["consensus"]["kept"] == len(rec["consensus"]["kept_features"])

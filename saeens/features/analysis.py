@@ -20,7 +20,7 @@ from saeens.errors import SaeensError
 from saeens.features.agreement import consensus_keep, member_matches, run_matches
 from saeens.features.contexts import token_decoder, top_contexts
 from saeens.features.logits import logit_effects
-from saeens.features.stats import feature_pass, hist_edges
+from saeens.features.stats import even_chunks, feature_pass, hist_edges
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,14 +35,14 @@ class FeaturesConfig:
     chunk_rows: int = 2048
 
 
-def select_features(frequency_F: np.ndarray, n: int | None) -> np.ndarray:
-    """The features a dashboard shows: all of them (n None), else the n most frequently firing among
-    those that fire on at most 10% of tokens (dense features are rarely interpretable), by
-    descending frequency (ties: lower index first)."""
+def select_features(frequency_F: np.ndarray, consensus_F: np.ndarray, n: int | None) -> np.ndarray:
+    """The features a dashboard shows: all of them (n None), else n of those that fire on at most
+    10% of tokens (dense features are rarely interpretable): the ones most members found first
+    (descending consensus count), then the most frequently firing (ties: lower index first)."""
     if n is None:
         return np.arange(frequency_F.shape[0])
     ok = np.flatnonzero((frequency_F > 0) & (frequency_F <= metrics.DENSE_THRESHOLD))
-    return ok[np.argsort(-frequency_F[ok], kind="stable")][:n]
+    return ok[np.lexsort((-frequency_F[ok], -consensus_F[ok]))][:n]
 
 
 def _trimmed_hist(counts_K: np.ndarray) -> dict[str, Any]:
@@ -69,10 +69,10 @@ def analyse(ens: Ensemble, info: dict[str, Any], acts: ActivationCache, others: 
     mm = member_matches(ens)
     rm = run_matches(ens, [W for _, W in others])
     keep_F = consensus_keep(mm["consensus"], t, J)
-    chunks = acts.chunks(cfg.split, cfg.chunk_rows)
+    chunks = even_chunks(acts.chunks(cfg.split, cfg.chunk_rows), cfg.chunk_rows)
     st = feature_pass(ens, chunks, keep_F, cfg.top_n, acts.n_rows(cfg.split), progress)
     dec_FD = ensemble.decoder(ens)
-    sel_S = select_features(st["frequency"], cfg.select)
+    sel_S = select_features(st["frequency"], mm["consensus"], cfg.select)
     ctx = top_contexts(ens, acts, cfg.split, sel_S, st["top_row"][sel_S], st["top_value"][sel_S], tokenizer,
                        cfg.before, cfg.after)
     logits = logit_effects(model, dec_FD[sel_S], cfg.logit_k) if model is not None else None
@@ -109,6 +109,6 @@ def analyse(ens: Ensemble, info: dict[str, Any], acts: ActivationCache, others: 
         "split": cfg.split, "n_tokens": st["n_tokens"], "pass_seconds": round(st["seconds"], 3),
         "tokens_per_second": round(st["tokens_per_second"], 1), "other_runs": [name for name, _ in others],
         "selection": "all features" if cfg.select is None else
-        f"the {cfg.select} most frequent features among those firing on at most {metrics.DENSE_THRESHOLD:.0%} of tokens",
+        f"{cfg.select} features firing on at most {metrics.DENSE_THRESHOLD:.0%} of tokens: highest consensus, then most frequent",
         "hist_edges": [float(e) for e in hist_edges()], "consensus": cons, "features": features,
     }

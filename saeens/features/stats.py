@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from functools import partial
 from typing import Any
 
@@ -117,6 +117,24 @@ def summarize(s: FeatureStats) -> dict[str, np.ndarray]:
         "top_row": np.where(empty_FN, -1, np.asarray(s.top_row_FN)),
         "hist": np.asarray(s.hist_FK),
     }
+
+
+def even_chunks(chunks: Iterable[np.ndarray], rows: int) -> Iterator[np.ndarray]:
+    """The same rows in chunks of exactly `rows` (the last may be shorter), across shard boundaries
+    and skipped rows: one compiled shape for the whole pass instead of one per odd chunk."""
+    buf: list[np.ndarray] = []
+    have = 0
+    for x in chunks:
+        while len(x):
+            take = min(rows - have, len(x))
+            buf.append(x[:take])
+            have += take
+            x = x[take:]
+            if have == rows:
+                yield np.concatenate(buf)
+                buf, have = [], 0
+    if have:
+        yield np.concatenate(buf)
 
 
 @partial(jax.jit, donate_argnums=(0, 1, 2))
