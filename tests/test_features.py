@@ -29,7 +29,7 @@ from saeens.features import (
     member_matches,
     run_matches,
 )
-from saeens.features.stats import chunk_top
+from saeens.features.stats import chunk_top, even_chunks
 from saeens.io.saelens import load_saelens
 from saeens.runs import save_ensemble
 
@@ -90,6 +90,13 @@ def test_chunk_top_equals_full_top_k_ties_included():
         np.testing.assert_array_equal(np.asarray(val), np.take_along_axis(cand.T, order, 1))
         finite = np.isfinite(np.asarray(val))
         np.testing.assert_array_equal(np.asarray(row)[finite], order[finite])
+
+
+def test_even_chunks_keep_every_row_in_order():
+    parts = [np.arange(a, b)[:, None] for a, b in ((0, 3), (3, 8), (8, 8), (8, 13))]
+    out = list(even_chunks(iter(parts), 4))
+    assert [len(c) for c in out] == [4, 4, 4, 1]
+    np.testing.assert_array_equal(np.concatenate(out)[:, 0], np.arange(13))
 
 
 def test_contexts_are_the_cache_text_around_the_row(acts, tiny_model):
