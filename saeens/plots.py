@@ -57,7 +57,7 @@ def metric_bars(rows: list[dict[str, Any]], metrics: list[str], out: Path, title
     for ax, m in zip(axes[0], metrics):
         vals = [float(r.get(m, float("nan"))) for r in rows]
         bars = ax.bar(names, vals, color=[f"C{i}" for i in range(len(names))])
-        ax.bar_label(bars, labels=[f"{v:.3g}" for v in vals], fontsize=7)
+        ax.bar_label(bars, labels=[f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}" for v in vals], fontsize=7)
         ax.margins(y=0.15)  # room for the value labels
         ax.set_title(_title(m), fontsize=9)
         ax.set_ylabel(_labels(m)[1], fontsize=8)
@@ -87,13 +87,13 @@ def training_curves(runs: dict[str, Path], out: Path, reference: dict[str, float
         units.add("activation units" if scale else "scaled training units")
         edges = np.array([0] + [r["step"] for r in rows], float)
         mse = np.array([r["mse"] for r in rows]) / (scale or 1.0) ** 2
-        ax.stairs(mse, edges, color=f"C{i}", linewidth=1.4, label="training (window means)")
+        ax.stairs(mse, edges, baseline=None, color=f"C{i}", linewidth=1.4, label="training (window means)")
         stages = [r["stage"] for r in rows if "stage" in r]
         for j in range(1, len(stages)):
             if stages[j] != stages[j - 1]:
                 ax.axvline(edges[j], color="0.6", linestyle="--", linewidth=0.8)
         if len(set(stages)) > 1:
-            ax.text(0.02, 0.02, f"dashed: {len(set(stages))} stage boundaries", transform=ax.transAxes, fontsize=7)
+            ax.text(0.02, 0.02, f"dashed: stage boundaries ({len(set(stages))} stages)", transform=ax.transAxes, fontsize=7)
         if reference and name in reference:
             ax.axhline(reference[name], color="k", linestyle=":", linewidth=1.2, label="held-out (table)")
         ax.set_title(name, fontsize=9)
@@ -101,7 +101,7 @@ def training_curves(runs: dict[str, Path], out: Path, reference: dict[str, float
         ax.set_yscale("log")
         ax.tick_params(labelsize=7)
     axes[0][0].set_ylabel(f"MSE per token ({' / '.join(sorted(units))})", fontsize=8)
-    axes[0][0].legend(fontsize=7, loc="upper right")
+    axes[0][0].legend(fontsize=7, loc="best")
     return _save(fig, out, title or "Training MSE (lower is better)")
 
 
