@@ -1,4 +1,5 @@
-"""The `saeens` command (also `python -m saeens`): cache, synthetic, train, evaluate, export, stability.
+"""The `saeens` command (also `python -m saeens`): demo, cache, synthetic, train, evaluate, export,
+stability, features.
 
 Every failure the user can fix is a SaeensError: printed as one line `saeens: error: ...` with
 exit status 2 and no traceback (set SAEENS_DEBUG=1 for one).
@@ -16,6 +17,7 @@ from typing import Any
 
 from saeens import __version__
 from saeens.demo import DemoConfig
+from saeens.evals.spliced import SplicedConfig
 from saeens.errors import SaeensError
 from saeens.train_flags import add_held_out_args, add_train_args, train_config
 
@@ -62,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int)
     p.add_argument("--dataset", help="text for the spliced loss (default: the cache's dataset)")
     add_held_out_args(p)
+    p.add_argument("--spliced-contexts", type=int, default=SplicedConfig.n_contexts,
+                   help=f"held-out contexts for the spliced loss (default: {SplicedConfig.n_contexts})")
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("export", help="write a run in SAELens layout")
@@ -74,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: $XDG_CACHE_HOME or ~/.cache, then saeens/demo)")
     p.add_argument("--cache-tokens", type=int, help=f"activation rows to cache (default: {DemoConfig.cache_tokens})")
     p.add_argument("--train-tokens", type=int, help=f"training tokens per SAE / stage (default: {DemoConfig.train_tokens})")
+    p.add_argument("--spliced-contexts", type=int,
+                   help=f"held-out contexts for the spliced loss (default: {DemoConfig.spliced_contexts})")
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("stability", help="feature stability across independently trained runs")
@@ -141,7 +147,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.model:
         from saeens.evals.spliced import spliced_metrics
 
-        result.update(spliced_metrics(args.run, acts, args.model, args.layer, args.dataset, progress=not args.quiet))
+        cfg = SplicedConfig(n_contexts=args.spliced_contexts)
+        result.update(spliced_metrics(args.run, acts, args.model, args.layer, args.dataset, cfg, progress=not args.quiet))
     truth = Path(args.activations) / TRUE_FEATURES if args.activations else None
     if truth is not None and truth.is_file():  # a saeens synthetic cache: how many of the known features the dictionary found
         result["feature_recovery"] = _feature_recovery(args.run, truth)
@@ -256,11 +263,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     from saeens.demo import default_out, run_demo
 
-    cfg = DemoConfig()
-    if args.cache_tokens is not None:
-        cfg = dataclasses.replace(cfg, cache_tokens=args.cache_tokens)
-    if args.train_tokens is not None:
-        cfg = dataclasses.replace(cfg, train_tokens=args.train_tokens)
+    given = {"cache_tokens": args.cache_tokens, "train_tokens": args.train_tokens, "spliced_contexts": args.spliced_contexts}
+    cfg = dataclasses.replace(DemoConfig(), **{k: v for k, v in given.items() if v is not None})
     run_demo(args.out or default_out(), cfg, progress=not args.quiet)
 
 
