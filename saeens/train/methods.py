@@ -5,6 +5,8 @@
   boosting            jit(single step on stage `state.step // S`, input = residual of the
                       frozen stages, computed in the step or read from the stage's residual
                       cache)                      saeens/train/boosting.py, residual.py
+  sweep               jit(bagging's member map of a step whose lr and coefficients are the
+                      member's data)              saeens/train/sweep.py
 Each method's step is jitted HERE, once (a config compiles one step program, whatever the stage).
 """
 
@@ -19,11 +21,11 @@ from typing import Any
 import jax
 
 from saeens import ensemble, sae
-from saeens.config import RunConfig, SAEConfig, TrainConfig
+from saeens.config import RunConfig, SAEConfig, SweepConfig, TrainConfig
 from saeens.ensemble import Ensemble
 from saeens.optim import make_optimizer
 from saeens.data.source import BatchSource
-from saeens.train import bagging, boosting, residual
+from saeens.train import bagging, boosting, residual, sweep
 from saeens.train.step import init_state, make_step
 
 
@@ -81,8 +83,18 @@ def boosting_method(cfg: SAEConfig, tcfg: TrainConfig, stages: int, residual_cac
     )
 
 
+def sweep_method(cfg: SAEConfig, tcfg: TrainConfig, grid: SweepConfig) -> Method:
+    settings = grid.settings(cfg, tcfg)
+    return Method(
+        init=lambda key, sample: sweep.init_sweep(key, cfg, tcfg, sample, settings),
+        step=jax.jit(sweep.make_sweep_step(cfg, tcfg), donate_argnums=0),
+        n_steps=tcfg.n_steps,
+        to_ensemble=lambda s: bagging.final_ensemble(cfg, s),
+    )
+
+
 def build_method(run: RunConfig, residual_cache: bool = False) -> Method:
-    """single | expanded | bagging | boosting -> its Method (cached: a config compiles once).
+    """single | expanded | bagging | boosting | sweep -> its Method (cached: a config compiles once).
     residual_cache applies to boosting only (see `boosting_method`)."""
     return _build(run, residual_cache and run.ensemble.method == "boosting")
 
@@ -96,4 +108,6 @@ def _build(run: RunConfig, residual_cache: bool) -> Method:
         return single_method(run.sae.replace(width=run.sae.width * J), run.train)
     if method == "bagging":
         return bagging_method(run.sae, run.train, J)
+    if method == "sweep":
+        return sweep_method(run.sae, run.train, run.sweep)
     return boosting_method(run.sae, run.train, J, residual_cache)
