@@ -43,7 +43,7 @@ from jax.sharding import PartitionSpec as P
 from saeens.errors import SaeensError
 
 AXES = ("ensemble", "data")
-STACKED_METHODS = ("bagging", "boosting")  # methods whose state stacks J members/stages on axis 0
+STACKED_METHODS = ("bagging", "boosting", "sweep")  # methods whose state stacks J members/stages on axis 0
 _REPLICATED_FIELDS = ("step", "scale")  # TrainState fields never sharded
 _LATENT_SPECS = {  # single/expanded SAE: where the latent axis M sits in each params-shaped leaf
     "W_enc": P(None, "ensemble"),
