@@ -138,18 +138,28 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    import numpy as np
+
     from saeens.data.cache import ActivationCache
-    from saeens.evals.intrinsic import evaluate_run
+    from saeens.evals.intrinsic import evaluate_run, evaluate_sweep, is_sweep
     from saeens.tables import print_table
 
+    sweep = is_sweep(args.run)  # its members are separate SAEs: one row (and JSON entry) each
+    if sweep and args.model:
+        raise SaeensError("--model measures one SAE or ensemble, not a sweep's members: train the chosen setting as its own run")
     acts = ActivationCache(args.activations) if args.activations else _held_out(args)
+    truth = Path(args.activations) / TRUE_FEATURES if args.activations else None
+    if sweep:
+        rows = evaluate_sweep(args.run, acts, args.split, not args.quiet, np.load(truth) if truth is not None and truth.is_file() else None)
+        print_table([{"run": args.run, **row} for row in rows])
+        _write_json(args.json_out, {"members": rows})
+        return
     result = evaluate_run(args.run, acts, split=args.split, progress=not args.quiet)
     if args.model:
         from saeens.evals.spliced import spliced_metrics
 
         cfg = SplicedConfig(n_contexts=args.spliced_contexts)
         result.update(spliced_metrics(args.run, acts, args.model, args.layer, args.dataset, cfg, progress=not args.quiet))
-    truth = Path(args.activations) / TRUE_FEATURES if args.activations else None
     if truth is not None and truth.is_file():  # a saeens synthetic cache: how many of the known features the dictionary found
         result["feature_recovery"] = _feature_recovery(args.run, truth)
     print_table([{"run": args.run, **result}])
