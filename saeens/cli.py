@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="contexts per model forward")
     p.add_argument("--test-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--outlier-factor", type=float, default=10.0,
+                   help="flag rows above this multiple of their split's median norm (massive activations: "
+                        "training and metrics skip them); 0: flag none")
 
     p = sub.add_parser("synthetic", help="write a cache of synthetic activations with known features "
                        "(saeens evaluate then reports how many it recovers)")
@@ -233,7 +236,8 @@ def cmd_cache(args: argparse.Namespace) -> None:
     if args.from_npy:
         path = Path(args.from_npy)
         arr = _load_activation_array(path)
-        out = cache_from_array(arr, args.out, args.test_fraction, {"source": str(path.name)})
+        out = cache_from_array(arr, args.out, args.test_fraction, {"source": str(path.name)},
+                               outlier_factor=args.outlier_factor or None)
         print(f"cached {arr.shape[0]} rows of d_in={arr.shape[1]} in {out}")
         return
     if not args.model or args.layer is None:
@@ -243,7 +247,7 @@ def cmd_cache(args: argparse.Namespace) -> None:
     out = build_cache(
         model_name=args.model, layer=args.layer, site=args.site, dataset=args.dataset, n_tokens=args.tokens,
         out=args.out, context_length=args.context_length, batch_size=args.batch_size,
-        test_fraction=args.test_fraction, seed=args.seed,
+        test_fraction=args.test_fraction, seed=args.seed, outlier_factor=args.outlier_factor or None,
     )
     print(f"activation cache written to {out}")
 

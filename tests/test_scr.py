@@ -130,3 +130,25 @@ def test_tweets_mention_groups_and_bias_in_bios_local_file(tmp_path):
     assert len(bib.train) + len(bib.test) == 30 and not {d.doc_id for d in bib.train} & {d.doc_id for d in bib.test}
     assert {bib.group(d) for d in bib.train + bib.test} == {("professor", "male"), ("nurse", "female"), ("nurse", "male")}
     assert bias_in_bios_scr(("professor", "nurse"), data_files=path) == bib  # deterministic
+
+
+def test_latents_are_ranked_by_absolute_effect():
+    """A latent that pushes the spurious probe the OTHER way (negative effect) carries the attribute
+    as much as one that pushes it forward: SAEBench ranks by |effect|, and so does rank_latents."""
+    from types import SimpleNamespace
+
+    F, D = 6, 6
+    W = np.eye(F, D)
+    s = np.repeat([True, False], 50)
+    codes = np.zeros((100, F))
+    codes[s, 4] = 3.0  # fires with s; its decoder row points against the probe: effect -3
+    codes[s, 1] = 1.0  # effect +1
+    codes[~s, 2] = 0.5  # fires without s, decoder row against the probe: effect (-0.5)(-1) = +0.5
+    w = np.array([0.0, 1.0, -1.0, 0.0, -1.0, 0.0])
+    probes = SimpleNamespace(spurious=SimpleNamespace(raw_weight=w))
+    data = SimpleNamespace(codes_balanced=codes, s_balanced=s)
+    assert list(rank_latents(probes, data, W)[:3]) == [4, 1, 2]
+
+
+def test_default_grid_reaches_500_latents():
+    assert SCRConfig().n_ablated[-1] == 500 and 100 in SCRConfig().n_ablated

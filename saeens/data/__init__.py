@@ -8,7 +8,7 @@
     contexts = held_out_contexts(cache, tokenizer, 64)  # its test documents, packed as it was built
 """
 
-from saeens.data.cache import ActivationCache, CacheWriter, batch_indices, cache_from_array
+from saeens.data.cache import ActivationCache, CacheWriter, batch_indices, cache_from_array, flag_outliers
 from saeens.data.corpora import (
     HUB_PRESETS,
     LOCAL_CORPORA,
@@ -19,6 +19,7 @@ from saeens.data.corpora import (
 )
 from saeens.data.build import build_cache, cache_documents, held_out_contexts, source_documents
 from saeens.data.extract import extract_to_cache, model_acts_fn
+from saeens.data.outliers import OUTLIER_FACTOR, kept_view
 from saeens.data.tokens import (
     PackedContexts,
     bos_token_id,
@@ -31,6 +32,7 @@ from saeens.data.tokens import (
 __all__ = [
     "HUB_PRESETS",
     "LOCAL_CORPORA",
+    "OUTLIER_FACTOR",
     "ActivationCache",
     "CacheWriter",
     "Document",
@@ -42,9 +44,11 @@ __all__ = [
     "cache_documents",
     "cache_from_array",
     "extract_to_cache",
+    "flag_outliers",
     "held_out_contexts",
     "iter_document_tokens",
     "iter_packed",
+    "kept_view",
     "load_corpus",
     "load_hub_dataset",
     "model_acts_fn",

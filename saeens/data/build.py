@@ -32,6 +32,7 @@ from saeens.data.corpora import DEFAULT_SPLIT_SEED as SPLIT_SEED
 from saeens.data.corpora import DEFAULT_TEST_FRACTION as TEST_FRACTION
 from saeens.data.corpora import Document, load_corpus, split_documents
 from saeens.data.extract import ActsFn, extract_to_cache, model_acts_fn
+from saeens.data.outliers import OUTLIER_FACTOR
 from saeens.data.tokens import PackedContexts, iter_packed, pack_documents, tokenizer_name
 from saeens.errors import SaeensError
 
@@ -94,6 +95,7 @@ def cache_documents(
     dataset_kwargs: dict[str, Any] | None = None,
     shard_rows: int = 65536,
     progress: bool = True,
+    outlier_factor: float | None = OUTLIER_FACTOR,
 ) -> Path:
     """The model-agnostic core of `build_cache`: split `dataset` by document, shuffle each split's
     document order (seeded), pack each split separately and cache n_tokens train rows and
@@ -104,7 +106,9 @@ def cache_documents(
     Resumable: meta.json records the request (meta["request"]) and is rewritten after every shard.
     Run again with the same arguments on the same `out`, an interrupted cache continues after
     its last finished shard (the packing is deterministic, the rest is recomputed) and ends equal
-    to an uninterrupted one; a complete one is left as it is. Other arguments: a one-line error."""
+    to an uninterrupted one; a complete one is left as it is. Other arguments: a one-line error.
+    outlier_factor: rows above that multiple of their split's median norm are flagged when the
+    cache closes (data/outliers.py; None: no masks)."""
     if n_tokens is not None and n_tokens < 1:
         raise SaeensError(f"--tokens must be positive, got {n_tokens}")
     if context_length < 2:
@@ -176,7 +180,7 @@ def cache_documents(
                 f"{context_length}: the cache holds {got}",
                 stacklevel=2,
             )
-    return writer.close()
+    return writer.close(outlier_factor)
 
 
 def shuffled_split(docs: Sequence[Document], test_fraction: float, seed: int) -> tuple[list[Document], list[Document]]:
@@ -231,6 +235,7 @@ def build_cache(
     dataset_kwargs: dict[str, Any] | None = None,
     shard_rows: int = 65536,
     progress: bool = True,
+    outlier_factor: float | None = OUTLIER_FACTOR,
 ) -> Path:
     """`saeens cache`: activations of `model_name` (a saeens.models name or path) at
     blocks.{layer}.hook_{site} on `dataset` (a corpus name, see corpora.py, or Documents)."""
@@ -250,7 +255,7 @@ def build_cache(
     return cache_documents(
         acts_fn, tokenizer, dataset, n_tokens, out, context_length=context_length, batch_size=batch_size,
         test_fraction=test_fraction, seed=seed, d_in=getattr(cfg, "d_model", None), meta=meta,
-        dataset_kwargs=dataset_kwargs, shard_rows=shard_rows, progress=progress,
+        dataset_kwargs=dataset_kwargs, shard_rows=shard_rows, progress=progress, outlier_factor=outlier_factor,
     )
 
 

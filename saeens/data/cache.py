@@ -4,11 +4,15 @@ Layout (a user-facing contract: other tools read these files directly):
   ACTS/meta.json            d_in, n_tokens, dtype, model, hook, context_length, shards, ...
   ACTS/acts_00000.npy       float32 [rows, d_in] activations
   ACTS/tokens_00000.npy     int32 [rows] token id that produced each row
+  ACTS/keep_00000.npy       bool [rows] False for a massive-activation row (see below)
 Each shard belongs to one split ("train" or "test"); corpora are split by document, so a shard
 never mixes splits. Shards and meta.json are written atomically (temp file + rename), meta.json
 from the moment the writer opens ("complete": false until close): a killed writer leaves every
 listed shard complete, and `CacheWriter(..., resume=True)` continues such a cache. Readers gather rows from memory-mapped shards, so
 the cache never has to fit in memory.
+
+Massive-activation rows are flagged in keep_*.npy when the writer closes (the policy and its
+readers: data/outliers.py); `flag_outliers` adds the masks to a cache written before it.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from saeens.data.outliers import OUTLIER_FACTOR, write_masks
 from saeens.errors import SaeensError
 from saeens.io.files import atomic_save_npy, atomic_write_text, read_json
 
@@ -138,14 +143,29 @@ class CacheWriter:
         self.meta["n_tokens"] += int(n)
         self.write_meta()
 
-    def close(self) -> Path:
+    def close(self, outlier_factor: float | None = OUTLIER_FACTOR) -> Path:
+        """Flush, flag massive-activation rows (`flag_outliers`; None: no masks) and mark complete."""
         for split in SPLITS:
             self.flush(split)
         if self.meta["n_tokens"] == 0:
             raise SaeensError("no activations were written: the input is empty")
+        if outlier_factor is not None:
+            self.meta["outliers"] = write_masks(self.out, self.meta["shards"], outlier_factor)
         self.meta["complete"] = True
         self.write_meta()
         return self.out
+
+
+def flag_outliers(path: str | Path, factor: float = OUTLIER_FACTOR) -> dict[str, Any]:
+    """Add (or redo, with another factor) the keep-masks of a complete cache: one pass over its
+    shards' norms; returns the meta.json record (factor, each split's median norm, threshold, flagged)."""
+    path = Path(path)
+    meta = read_meta(path)
+    if meta is None or not meta.get("complete"):
+        raise SaeensError(f"{path} holds no complete activation cache: finish it with the same `saeens cache` command first")
+    meta["outliers"] = write_masks(path, meta["shards"], factor)
+    atomic_write_text(path / "meta.json", json.dumps(meta, indent=2))
+    return meta["outliers"]
 
 
 def read_meta(path: str | Path) -> dict[str, Any] | None:
@@ -161,16 +181,16 @@ def read_meta(path: str | Path) -> dict[str, Any] | None:
 
 def _drop_strays(out: Path, meta: dict[str, Any]) -> None:
     """Temp files and shard files that meta.json does not list: leftovers of a killed writer."""
-    listed = {s[k] for s in meta["shards"] for k in ("acts", "tokens")}
+    listed = {s[k] for s in meta["shards"] for k in ("acts", "tokens", "keep") if k in s}
     for p in out.iterdir():
-        stray_shard = p.suffix == ".npy" and p.name.startswith(("acts_", "tokens_")) and p.name not in listed
+        stray_shard = p.suffix == ".npy" and p.name.startswith(("acts_", "tokens_", "keep_")) and p.name not in listed
         if p.is_file() and (p.suffix == ".tmp" or stray_shard):
             p.unlink()
 
 
 def cache_from_array(
     acts_ND: np.ndarray, out: str | Path, test_fraction: float = 0.1, meta: dict[str, Any] | None = None,
-    shard_rows: int = 65536,
+    shard_rows: int = 65536, outlier_factor: float | None = OUTLIER_FACTOR,
 ) -> Path:
     """Any [n, d_in] array -> a cache; the last test_fraction of rows become the test split."""
     acts_ND = np.asarray(acts_ND)
@@ -189,7 +209,7 @@ def cache_from_array(
         writer.add(acts_ND[lo:hi], tokens_N[lo:hi], "train")
     if n_test:
         writer.add(acts_ND[n - n_test :], tokens_N[n - n_test :], "test")
-    return writer.close()
+    return writer.close(outlier_factor)
 
 
 class ActivationCache:
@@ -257,6 +277,28 @@ class ActivationCache:
 
     def tokens(self, split: str = "all") -> np.ndarray:
         return np.concatenate([np.load(self.path / s["tokens"]) for s in self.shards(split)])
+
+    def keep(self, split: str = "train") -> np.ndarray:
+        """bool [n_rows(split)]: False for a flagged massive-activation row (all True without masks)."""
+        parts = [self.shard_keep(s) for s in self.shards(split)]
+        return np.concatenate(parts) if parts else np.ones(0, bool)
+
+    def shard_keep(self, entry: dict[str, Any]) -> np.ndarray:
+        """The keep-mask of one shard (all True when the cache has none)."""
+        if "keep" not in entry:
+            return np.ones(entry["rows"], bool)
+        f = self.path / entry["keep"]
+        try:
+            keep_N = np.load(f)
+        except (ValueError, OSError):
+            keep_N = None
+        if keep_N is None or keep_N.shape != (entry["rows"],):
+            raise SaeensError(f"keep-mask {f} is missing or damaged: run saeens.data.flag_outliers on {self.path} to rewrite it")
+        return keep_N
+
+    def kept_rows(self, split: str = "train") -> np.ndarray:
+        """int64 indices (into the split's rows) of the rows that are not flagged, in order."""
+        return np.flatnonzero(self.keep(split))
 
 
 def batch_indices(n_rows: int, batch_size: int, seed: int, step: int) -> np.ndarray:

@@ -16,6 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from saeens.data.cache import batch_indices
+from saeens.data.outliers import KeptRows, kept_view
 from saeens.errors import SaeensError
 
 
@@ -61,14 +62,15 @@ class RowSource(BatchSource, Protocol):
 
 class CacheSource:
     """Batches of an activation cache (or in-memory rows): batch `step` holds the training rows
-    `batch_indices(n_train, batch_size, seed, step)`, drawn epoch by epoch without replacement."""
+    `batch_indices(n_train, batch_size, seed, step)`, drawn epoch by epoch without replacement
+    from the KEPT rows (flagged massive-activation rows are never trained on: data/outliers.py)."""
 
     def __init__(self, acts: Activations):
         if not getattr(acts, "meta", {}).get("complete", True):
             raise SaeensError("the activation cache is incomplete (its saeens cache run was cut short): re-run the same saeens cache command to finish it")
-        self.acts = acts
+        self.acts = kept_view(acts)
         self.d_in = int(acts.d_in)
-        self.n_train = int(acts.n_rows("train"))
+        self.n_train = int(self.acts.n_rows("train"))
         if self.n_train < 1:
             raise SaeensError("the activation cache has no training rows: rebuild it with more tokens")
 
@@ -89,7 +91,10 @@ class CacheSource:
 
     def rows(self, idx_N: np.ndarray) -> np.ndarray:
         x_ND = self.acts.gather(idx_N, "train")
-        check_rows(self.acts, x_ND, idx_N)
+        if isinstance(self.acts, KeptRows):  # name the cache's own row, not the kept-row index
+            check_rows(self.acts.acts, x_ND, self.acts.original(idx_N, "train"))
+        else:
+            check_rows(self.acts, x_ND, idx_N)
         return x_ND
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from saeens import ensemble, metrics
 from saeens.config import SWEPT
+from saeens.data.outliers import kept_view
 from saeens.ensemble import Ensemble
 from saeens.errors import SaeensError
 from saeens.io.files import read_json
@@ -75,9 +76,11 @@ def prefix_connectivity(ens: Ensemble, x_BD: np.ndarray, js: list[int]) -> list[
 
 
 def run(ens: Ensemble, acts, cfg: IntrinsicConfig = IntrinsicConfig()) -> IntrinsicResult:
-    """Every activation metric in one pass over `cfg.split` of `acts`, plus the decoder's diversity."""
+    """Every activation metric in one pass over the kept rows of `cfg.split` of `acts`, plus the
+    decoder's diversity."""
     if acts.d_in != ens.cfg.d_in:
         raise SaeensError(f"the run expects d_in={ens.cfg.d_in} but the activations have d_in={acts.d_in}: use the run's cache")
+    acts = kept_view(acts)  # flagged massive-activation rows are not scored (data/outliers.py)
     n_rows = acts.n_rows(cfg.split)
     if n_rows == 0:
         raise SaeensError(f"the activation cache has no {cfg.split!r} rows: pass --split train or rebuild the cache")

@@ -8,9 +8,11 @@ A dataset has a target label (classes A, B) and a spurious attribute (s_A, s_B).
     logistic regressions (C = 1, standardised features): the BIASED probe (target label on the biased
     set), the ORACLE probe (target on the balanced set) and the SPURIOUS probe (attribute on the
     balanced set).
- 3. Latents are ranked by their effect on the spurious probe: (mean pooled code over s_A documents
-    - mean over s_B documents, balanced train set) x (spurious probe weight . decoder row), top N
-    by that value (SAEBench's `get_effects_per_class_precomputed_acts`).
+ 3. Latents are ranked by the ABSOLUTE value of their effect on the spurious probe: (mean pooled
+    code over s_A documents - mean over s_B documents, balanced train set) x (spurious probe weight
+    . decoder row), top N by |effect| (SAEBench's `get_effects_per_class_precomputed_acts` and its
+    ranking): a latent that pushes the probe towards s_B carries the attribute as much as one that
+    pushes it towards s_A. N runs up to 500, as in the paper.
  4. Zero-ablating a set S of latents while keeping the SAE error term, at every non-BOS position:
     a' = decode(c with c_S = 0) + (a - a_hat) = a - c_S @ W_dec[S]  (decoder bias and error cancel).
     The probes read the SAME hook, and mean pooling is linear, so the pooled ablated activation is
@@ -130,7 +132,7 @@ def spurious_effects(codes_NF: np.ndarray, s_N: np.ndarray, probe_weight_D: np.n
 
 @dataclasses.dataclass(frozen=True)
 class SCRConfig:
-    n_ablated: tuple[int, ...] = (2, 5, 10, 20, 50, 100)
+    n_ablated: tuple[int, ...] = (2, 5, 10, 20, 50, 100, 200, 500)
     context_length: int = 128
     batch_size: int = 16
     n_train_per_group: int = 1000  # biased set: 2 groups of this; balanced set: 4 groups of half
@@ -241,9 +243,9 @@ def evaluate_ablation(probes: SCRProbes, data: PooledSCRData, W_dec_FD: np.ndarr
 
 
 def rank_latents(probes: SCRProbes, data: PooledSCRData, W_dec_FD: np.ndarray) -> np.ndarray:
-    """All latents, largest effect on the spurious probe first."""
+    """All latents, largest absolute effect on the spurious probe first (ties: lower index first)."""
     effects = spurious_effects(data.codes_balanced, data.s_balanced, probes.spurious.raw_weight, W_dec_FD)
-    return np.argsort(-effects, kind="stable")
+    return np.argsort(-np.abs(effects), kind="stable")
 
 
 def scr_from_pooled(data: PooledSCRData, W_dec_FD: np.ndarray, cfg: SCRConfig = SCRConfig(),

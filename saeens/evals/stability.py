@@ -80,7 +80,8 @@ def check_comparable(idents: list[dict[str, Any]]) -> None:
 
 
 def stability_of_runs(runs: list[str | Path]) -> dict[str, Any]:
-    """Mean-max-cosine stability (and the Hungarian variant) of R runs that differ only by seed."""
+    """Mean-max-cosine stability (and the Hungarian variant) of R runs that differ only by seed, each
+    beside its chance level (random unit vectors of the same counts, seed 0) and its ratio over it."""
     from saeens.train import load_ensemble
 
     loaded = [load_ensemble(r) for r in runs]  # a directory that holds no finished run says so here
@@ -97,10 +98,13 @@ def stability_of_runs(runs: list[str | Path]) -> dict[str, Any]:
     results = [("stability", metrics.stability(decoders))]
     if max(d.shape[0] for d in decoders) <= MAX_HUNGARIAN:  # an F x F float64 matrix per pair, O(F^3)
         results.append(("hungarian_stability", metrics.hungarian_stability(decoders)))
+    chance = metrics.stability_chance(out["features_per_run"], decoders[0].shape[1], hungarian=len(results) > 1)
     notes = []
     for name, result in results:
         low, high, note = bounded_ci(name, result["ci_low"], result["ci_high"], len(result["scores"]))
         out[name] = result["mean"]
+        out[f"{name}_chance"] = chance[name]
+        out[f"{name}_over_chance"] = metrics.over_chance(result["mean"], chance[name])
         out[f"{name}_ci_low"], out[f"{name}_ci_high"] = low, high
         out[f"{name}_scores"] = result["scores"]
         if note:

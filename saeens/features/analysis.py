@@ -15,6 +15,7 @@ import numpy as np
 
 from saeens import ensemble, metrics
 from saeens.data.cache import ActivationCache
+from saeens.data.outliers import KeptRows, kept_view
 from saeens.ensemble import Ensemble
 from saeens.errors import SaeensError
 from saeens.features.agreement import consensus_keep, member_matches, run_matches
@@ -69,8 +70,11 @@ def analyse(ens: Ensemble, info: dict[str, Any], acts: ActivationCache, others: 
     mm = member_matches(ens)
     rm = run_matches(ens, [W for _, W in others])
     keep_F = consensus_keep(mm["consensus"], t, J)
-    chunks = even_chunks(acts.chunks(cfg.split, cfg.chunk_rows), cfg.chunk_rows)
-    st = feature_pass(ens, chunks, keep_F, cfg.top_n, acts.n_rows(cfg.split), progress)
+    kept = kept_view(acts)  # flagged massive-activation rows are neither counted nor shown
+    chunks = even_chunks(kept.chunks(cfg.split, cfg.chunk_rows), cfg.chunk_rows)
+    st = feature_pass(ens, chunks, keep_F, cfg.top_n, kept.n_rows(cfg.split), progress)
+    if isinstance(kept, KeptRows):  # top rows back to the cache's rows (its row <-> text layout)
+        st["top_row"] = kept.original(st["top_row"], cfg.split)
     dec_FD = ensemble.decoder(ens)
     sel_S = select_features(st["frequency"], mm["consensus"], cfg.select)
     ctx = top_contexts(ens, acts, cfg.split, sel_S, st["top_row"][sel_S], st["top_value"][sel_S], tokenizer,

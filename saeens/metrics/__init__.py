@@ -1,7 +1,7 @@
 """Every metric of the method as pure jnp functions, in three rooms:
 
 - batch.py       per-batch definitions of (x_BD, x_hat_BD, codes_BF): mse, explained_variance, ...
-- dictionary.py  functions of decoders: cosines, diversity, stability, Hungarian, shared latents
+- dictionary.py  functions of decoders: cosines, diversity, stability (and its chance level), Hungarian, shared latents
 - stream.py      the same per-batch metrics over a whole chunked split in one pass
 
 `from saeens import metrics; metrics.mse(...)` reaches all of them.
@@ -33,8 +33,11 @@ from saeens.metrics.dictionary import (
     max_cosine,
     mean_ci,
     normalize_rows,
+    over_chance,
+    random_decoders,
     shared_latent_fraction,
     stability,
+    stability_chance,
     stability_scores,
 )
 from saeens.metrics.stream import Stats, evaluate_stream, finalize, init_stats, update_stats, update_stats_jit
@@ -66,9 +69,12 @@ __all__ = [
     "mean_ci",
     "mse",
     "normalize_rows",
+    "over_chance",
+    "random_decoders",
     "relative_reconstruction_bias",
     "shared_latent_fraction",
     "stability",
+    "stability_chance",
     "stability_scores",
     "update_stats",
     "update_stats_jit",

@@ -112,6 +112,35 @@ def stability(
     return mean_ci(stability_scores(decoders, block_size), confidence)
 
 
+def random_decoders(counts: Sequence[int], d_in: int, seed: int = 0) -> list[np.ndarray]:
+    """Random unit vectors (isotropic Gaussian, normalised), one [F_r, d_in] set per count, seeded."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for F in counts:
+        W_FD = rng.standard_normal((int(F), int(d_in))).astype(np.float32)
+        out.append(W_FD / np.linalg.norm(W_FD, axis=1, keepdims=True))
+    return out
+
+
+def stability_chance(counts: Sequence[int], d_in: int, seed: int = 0, hungarian: bool = False,
+                     block_size: int = 4096) -> dict[str, float]:
+    """Stability's chance level: the same computation on random unit vectors of the same counts.
+
+    Max cosines grow with the number of vectors searched, so runs of more features (an ensemble of
+    J members against R - 1 other runs) score higher by chance alone: a stability figure is only
+    comparable across methods beside this level, or as a ratio over it (`over_chance`)."""
+    random = random_decoders(counts, d_in, seed)
+    out = {"stability": float(stability_scores(random, block_size).mean())}
+    if hungarian:
+        out["hungarian_stability"] = float(hungarian_stability(random)["mean"])
+    return out
+
+
+def over_chance(value: float, chance: float) -> float:
+    """value / chance (NaN when the chance level is not positive)."""
+    return float(value) / float(chance) if chance > 0 else float("nan")
+
+
 def cosine_matrix(A_FD: jax.Array, B_GD: jax.Array) -> np.ndarray:
     """Dense [F, G] cosines as float64 NumPy (for the Hungarian solver; F x G memory)."""
     return np.asarray(normalize_rows(A_FD) @ normalize_rows(B_GD).T, np.float64)
