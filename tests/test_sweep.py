@@ -27,23 +27,24 @@ def syn():
 
 
 @pytest.mark.parametrize(
-    "arch,grid",
+    "arch,grid,member_batch",
     [
-        ("relu", {"lr": (1e-3, 3e-3), "l1_coeff": (0.5, 2.0)}),
-        ("jumprelu", {"lr": (1e-3, 3e-3), "l0_coeff": (0.1, 1.0), "jumprelu_bandwidth": (0.01, 0.1)}),
-        ("topk", {"lr": (1e-3, 3e-3)}),  # the sparse kernel; dead latents after a step, so AuxK acts
+        ("relu", {"lr": (1e-3, 3e-3), "l1_coeff": (0.5, 2.0)}, None),
+        ("jumprelu", {"lr": (1e-3, 3e-3), "l0_coeff": (0.1, 1.0), "jumprelu_bandwidth": (0.01, 0.1)}, None),
+        ("topk", {"lr": (1e-3, 3e-3)}, 1),  # the sparse kernel; dead latents after a step, so AuxK acts
     ],
 )
-def test_each_member_equals_the_single_run_with_its_settings(syn, arch, grid):
+def test_each_member_equals_the_single_run_with_its_settings(syn, arch, grid, member_batch):
     """Same seed -> the same init key (a single run's) and batches for every member: member j of
-    the sweep must be the single run with member j's lr and coefficients, to float rounding."""
+    the sweep must be the single run with member j's lr and coefficients, to float rounding.
+    member_batch None: one vmap over the members; 1: the loop a one-device CPU uses."""
     cfg = SAEConfig(d_in=16, width=64, arch=arch, k=4, dead_tokens=BATCH)
     tcfg = TrainConfig(n_tokens=STEPS * BATCH, batch_size=BATCH)
     settings = SweepConfig(**grid).settings(cfg, tcfg)
     sample, key = jnp.asarray(syn.acts_ND[:512]), jax.random.key(3)
     batches = [syn.acts_ND[batch_indices(4000, BATCH, 0, s)] for s in range(STEPS)]
     state = sweep.init_sweep(key, cfg, tcfg, sample, settings)
-    step = jax.jit(sweep.make_sweep_step(cfg, tcfg))
+    step = jax.jit(sweep.make_sweep_step(cfg, tcfg, member_batch))
     for s, x in enumerate(batches):
         state, _ = step(state, x, jax.random.key(s))
     flat_J = np.concatenate([np.asarray(a).reshape(len(settings), -1) for a in jax.tree.leaves(state.params)], axis=1)
