@@ -22,8 +22,8 @@ from saeens.io.files import read_json
 SECTIONS = {"sae": SAEConfig, "train": TrainConfig, "ensemble": EnsembleConfig, "sweep": SweepConfig}
 # flag, config section, field, type, help (the default is appended from the dataclass field)
 FLAGS = (
-    ("--method", "ensemble", "method", str, "how SAEs combine"),
-    ("--members", "ensemble", "members", int, "J: ensemble members / boosting stages / expansion factor"),
+    ("--method", "ensemble", "method", str, "how SAEs combine (sweep: one member per point of the comma lists' grid)"),
+    ("--members", "ensemble", "members", int, "J: ensemble members / boosting stages / expansion factor (a sweep sets it to the grid's size)"),
     ("--arch", "sae", "arch", str, "SAE activation"),
     ("--width", "sae", "width", int, "latents per member (m)"),
     ("--k", "sae", "k", int, "active latents per token (topk, batchtopk only)"),
