@@ -145,3 +145,44 @@ def test_spliced_loss_keeps_rows_above_the_threshold_clean(tiny_model):
     assert base["ce_loss_zero_ablation"] == pytest.approx(base["ce_loss_clean"], abs=1e-6)
     assert outlier_threshold({"outliers": {"splits": {"test": {"threshold": 5.0}}}}) == 5.0
     assert outlier_threshold({}) is None
+
+
+def _planted_stream(split, factor=10.0):
+    """A stream whose model returns a fixed vector per token id, x200 for the letter 'Q' (the only
+    massive rows), over documents that hold a few Qs."""
+    from saeens.data.corpora import Document
+    from saeens.data.stream import open_stream
+    from saeens.data.tokens import byte_tokenizer
+
+    tok = byte_tokenizer()
+    q = tok.convert_tokens_to_ids("Q")
+    table_VD = np.random.default_rng(0).standard_normal((257, D)).astype(np.float32)
+    table_VD[q] *= 200.0
+
+    def acts_fn(tokens_BT):
+        return table_VD[np.asarray(tokens_BT)]
+
+    rng = np.random.default_rng(1)
+    docs = [Document("".join(rng.choice(list("abcdefgh Q"), size=60, p=[0.11] * 8 + [0.1, 0.02])), "x", f"d{i}")
+            for i in range(20)]
+    return open_stream(acts_fn, tok, docs, split=split, context_length=16, buffer_contexts=4, model_batch=4,
+                       outlier_factor=factor), table_VD[q]
+
+
+def test_the_model_stream_applies_the_same_rule():
+    train, q_row = _planted_stream("train")
+    thr = train.describe()["outlier_threshold"]
+    assert train.describe()["outlier_factor"] == 10.0 and np.linalg.norm(q_row) > thr
+    batches = np.concatenate([train.batch(s, 64, seed=0) for s in range(6)])
+    assert len(batches) == 384 and np.linalg.norm(batches, axis=1).max() <= thr  # each Q row replaced
+    unruled, _ = _planted_stream("train", factor=None)
+    raw = np.concatenate([unruled.batch(s, 64, seed=0) for s in range(6)])
+    assert np.linalg.norm(raw, axis=1).max() > thr  # the same batches hold Q rows without the rule
+    replaced = np.linalg.norm(raw, axis=1) > thr
+    np.testing.assert_array_equal(batches[~replaced], raw[~replaced])
+    held, _ = _planted_stream("test")
+    rows = np.concatenate(list(held.chunks("test")))
+    all_rows = np.concatenate(list(_planted_stream("test", factor=None)[0].chunks("test")))
+    n_q = int((np.linalg.norm(all_rows, axis=1) > held.meta["outlier_threshold"]).sum())
+    assert n_q > 0 and len(rows) == len(all_rows) - n_q
+    assert outlier_threshold(held.meta) == held.meta["outlier_threshold"]

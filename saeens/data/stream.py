@@ -23,6 +23,13 @@ of P holds, in every batch, rows of the contexts j in about [p W/P, (p+1) W/P) o
 batch draws from (also when it straddles two), so each context runs through the model about once
 per epoch in all (plus a few at the slices' edges). After a
 kill the buffer is simply empty: the resumed step's contexts run through the model again.
+
+Massive-activation rows follow the cache's rule (data/outliers.py: norm above `outlier_factor` x
+the split's median norm), with the median taken over a fixed reference, the split's first
+REFERENCE_CONTEXTS contexts in packing order (a stream never holds the whole split). A training
+batch keeps its shape, so a flagged row is replaced by the nearest unflagged row of its own context
+(the whole context is in the buffer of the process that needs the row, so the batch still never
+depends on the processes); held-out chunks leave flagged rows out, as a cache's kept rows do.
 """
 
 from __future__ import annotations
@@ -35,11 +42,13 @@ import numpy as np
 
 from saeens.data.build import CONTEXT_LENGTH, SPLIT_SEED, TEST_FRACTION, shuffled_split
 from saeens.data.corpora import Document
+from saeens.data.outliers import OUTLIER_FACTOR
 from saeens.data.tokens import PackedContexts, pack_documents, tokenizer_name
 from saeens.errors import SaeensError
 
 BUFFER_CONTEXTS = 256  # contexts whose rows are shuffled together (75 MB for d=576, T=128)
 MODEL_BATCH = 32  # contexts per model call (every call padded to it: one compiled program)
+REFERENCE_CONTEXTS = 64  # contexts whose median row norm sets a stream's outlier threshold
 
 
 @lru_cache(maxsize=4)
@@ -120,15 +129,42 @@ class ContextRunner:
         return acts_NTD
 
 
+def outlier_threshold(runner: ContextRunner, factor: float | None) -> float | None:
+    """factor x the median row norm of the split's first REFERENCE_CONTEXTS contexts (None: no rule)."""
+    if factor is None:
+        return None
+    if not factor > 1:
+        raise SaeensError(f"--outlier-factor must be above 1 (a multiple of the median norm), got {factor}")
+    ids = np.arange(min(REFERENCE_CONTEXTS, runner.n_contexts))
+    norms = np.concatenate([np.linalg.norm(a_NTD, axis=-1).reshape(-1) for _, a_NTD in runner.run(ids)])
+    runner.contexts_run -= len(ids)  # a one-off reference, not training work
+    return float(factor * np.median(norms))
+
+
+def replace_flagged(rows_TD: np.ndarray, threshold: float | None) -> np.ndarray:
+    """A context's rows with each flagged row replaced by the nearest unflagged row (earlier on a tie)."""
+    if threshold is None:
+        return rows_TD
+    kept_T = np.linalg.norm(rows_TD, axis=-1) <= threshold
+    if kept_T.all() or not kept_T.any():
+        return rows_TD
+    pos_K = np.flatnonzero(kept_T)
+    t_T = np.arange(len(rows_TD))
+    nearest_T = pos_K[np.argmin(np.abs(t_T[:, None] - pos_K[None, :]), axis=1)]
+    return rows_TD[nearest_T]
+
+
 class ModelStream:
     """A BatchSource (saeens/data/source.py) whose batches the model computes on the fly, in the
     data order of the module docstring; `buffer` holds at most the contexts of the windows of the
     last batch (those this process needed)."""
 
-    def __init__(self, runner: ContextRunner, info: dict[str, Any], d_in: int, buffer_contexts: int = BUFFER_CONTEXTS):
+    def __init__(self, runner: ContextRunner, info: dict[str, Any], d_in: int, buffer_contexts: int = BUFFER_CONTEXTS,
+                 threshold: float | None = None):
         if buffer_contexts < 1:
             raise SaeensError(f"--buffer-contexts {buffer_contexts} must be positive: use e.g. {BUFFER_CONTEXTS}")
         self.runner, self.info, self.d_in, self.window = runner, info, int(d_in), int(buffer_contexts)
+        self.threshold = threshold
         self.rows_per_context = runner.T - 1
         self.buffer: dict[int, np.ndarray] = {}  # train context -> its rows [T-1, d_in]
 
@@ -149,6 +185,7 @@ class ModelStream:
         ctx = np.sort(_order(self.n_contexts, seed, 0)[: -(-2 * n // R)])
         rows_ND = np.empty((len(ctx) * R, self.d_in), np.float32)
         for lo, (ids, acts_NTD) in zip(range(0, len(ctx), self.runner.model_batch), self.runner.run(ctx)):
+            acts_NTD = np.stack([replace_flagged(a, self.threshold) for a in acts_NTD])
             rows_ND[lo * R : (lo + len(ids)) * R] = acts_NTD.reshape(-1, self.d_in)
             self.buffer.update(zip(ids.tolist(), acts_NTD))
         rng = np.random.default_rng([seed, 1 << 30])
@@ -161,7 +198,7 @@ class ModelStream:
         self.buffer = {c: a for c, a in self.buffer.items() if c in keep}  # the windows this batch left behind
         missing = np.unique(ctx_N[[c not in self.buffer for c in ctx_N.tolist()]])
         for ids, acts_NTD in self.runner.run(missing):
-            self.buffer.update(zip(ids.tolist(), acts_NTD))
+            self.buffer.update((c, replace_flagged(a, self.threshold)) for c, a in zip(ids.tolist(), acts_NTD))
         out_ND = np.empty((len(ctx_N), self.d_in), np.float32)
         for i, (c, t) in enumerate(zip(ctx_N.tolist(), pos_N.tolist())):
             out_ND[i] = self.buffer[c][t - 1]
@@ -174,8 +211,8 @@ class HeldOutActivations:
     n_rows, chunks, gather) and a cache-like `meta` (dataset, split seed, test fraction,
     context length) for its spliced loss; nothing is kept beyond one chunk."""
 
-    def __init__(self, runner: ContextRunner, info: dict[str, Any], d_in: int):
-        self.runner, self.d_in, self.path = runner, int(d_in), None
+    def __init__(self, runner: ContextRunner, info: dict[str, Any], d_in: int, threshold: float | None = None):
+        self.runner, self.d_in, self.path, self.threshold = runner, int(d_in), None, threshold
         self.meta = {**info, "context_length": runner.T, "d_in": self.d_in}
 
     def _check_split(self, split: str) -> None:
@@ -190,7 +227,8 @@ class HeldOutActivations:
     def chunks(self, split: str = "test", chunk_rows: int = 8192) -> Iterator[np.ndarray]:
         self._check_split(split)
         for _, acts_NTD in self.runner.run(np.arange(self.runner.n_contexts)):
-            yield acts_NTD.reshape(-1, self.d_in)
+            x_ND = acts_NTD.reshape(-1, self.d_in)
+            yield x_ND if self.threshold is None else x_ND[np.linalg.norm(x_ND, axis=1) <= self.threshold]
 
     def gather(self, idx_N: np.ndarray, split: str = "test") -> np.ndarray:
         self._check_split(split)
@@ -215,10 +253,12 @@ def open_stream(acts_fn: Callable[[np.ndarray], Any], tokenizer: Any, dataset: s
                 split: str = "train", context_length: int = CONTEXT_LENGTH, test_fraction: float = TEST_FRACTION,
                 split_seed: int = SPLIT_SEED, d_in: int | None = None, info: dict[str, Any] | None = None,
                 buffer_contexts: int = BUFFER_CONTEXTS, model_batch: int = MODEL_BATCH,
-                max_contexts: int | None = None) -> ModelStream | HeldOutActivations:
+                max_contexts: int | None = None, outlier_factor: float | None = OUTLIER_FACTOR
+                ) -> ModelStream | HeldOutActivations:
     """The stream of `split` ("train": a ModelStream to train on; "test": the held-out documents,
     HeldOutActivations to evaluate on) of `dataset` under `acts_fn` (int32 [B, T] -> [B, T, D]).
-    max_contexts caps the contexts packed (the first ones of the split's order)."""
+    max_contexts caps the contexts packed (the first ones of the split's order); outlier_factor: the
+    massive-activation rule of the module docstring (None: none)."""
     if context_length < 2:
         raise SaeensError(f"context length {context_length} is too short: use at least 2 (BOS + one token)")
     name, docs = documents_of(dataset)
@@ -231,11 +271,13 @@ def open_stream(acts_fn: Callable[[np.ndarray], Any], tokenizer: Any, dataset: s
     runner = ContextRunner(acts_fn, contexts, split, model_batch)
     if d_in is None:  # learn it from one model call
         d_in = int(next(runner.run(np.zeros(1, np.int64)))[1].shape[-1])
+    threshold = outlier_threshold(runner, outlier_factor)
     info = {"model": None, "hook": None, **(info or {}), "dataset": name, "split_seed": int(split_seed),
-            "test_fraction": float(test_fraction), "tokenizer": tokenizer_name(tokenizer)}
+            "test_fraction": float(test_fraction), "tokenizer": tokenizer_name(tokenizer),
+            "outlier_factor": outlier_factor, "outlier_threshold": threshold}
     if split == "train":
-        return ModelStream(runner, info, d_in, buffer_contexts)
-    return HeldOutActivations(runner, info, d_in)
+        return ModelStream(runner, info, d_in, buffer_contexts, threshold)
+    return HeldOutActivations(runner, info, d_in, threshold)
 
 
 def model_stream(model_name: str, layer: int, site: str, dataset: str | Sequence[Document], **kw: Any

@@ -94,8 +94,9 @@ def _batch_spliced(graphdef, state, ens: Ensemble, tokens_BT: jax.Array, hook: s
 
 
 def outlier_threshold(meta: dict[str, Any], split: str = "test") -> float | None:
-    """The norm above which the cache flags `split`'s rows (None: the cache has no masks)."""
-    return ((meta.get("outliers") or {}).get("splits") or {}).get(split, {}).get("threshold")
+    """The norm above which a cache flags `split`'s rows, or a held-out stream its rows (None: no rule)."""
+    recorded = ((meta.get("outliers") or {}).get("splits") or {}).get(split, {}).get("threshold")
+    return recorded if recorded is not None else meta.get("outlier_threshold")
 
 
 def _check(model, hook: str, contexts_NT: np.ndarray, d_in: int | None = None) -> None:
