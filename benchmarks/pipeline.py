@@ -125,8 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.pipeline", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     ap.add_argument("--json", type=Path, help="write the measurements to this JSON file")
+    ap.add_argument("--epochs", type=float, help="tokens per member (boosting: per stage) in passes over the cache "
+                    "(each boosting stage after the first makes one residual pass, so more epochs amortise it)")
     args = ap.parse_args(argv)
-    report = run(QUICK if args.quick else PipelineSizes())
+    sizes = QUICK if args.quick else PipelineSizes()
+    if args.epochs is not None:
+        sizes = dataclasses.replace(sizes, epochs=args.epochs)
+    report = run(sizes)
     print(format_report(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

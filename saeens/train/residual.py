@@ -16,9 +16,11 @@ never read.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +133,12 @@ def _trusted(d: Path, stage: int, digest: str, n_rows: int, d_in: int) -> bool:
     return meta.get("digest") == digest and r.shape == (n_rows, d_in) and r.dtype == np.float32
 
 
+@functools.lru_cache(maxsize=8)
+def _link(cfg: SAEConfig) -> Callable:
+    """One stage's residual, jitted once per config (every stage and chunk reuses the program)."""
+    return jax.jit(lambda p, r: stage_residual(p, cfg, r))
+
+
 def _build(
     d: Path, base: RowSource, params_J: dict[str, np.ndarray], scale: np.float32, cfg: SAEConfig, stage: int,
     rows: dict[int, np.ndarray], prev: int | None,
@@ -139,7 +147,7 @@ def _build(
     or (prev None) from the raw rows scaled, through stages 0..stage-1."""
     rows_U, first = rows[stage], (0 if prev is None else prev)
     r_prev = None if prev is None else np.load(_data(d, prev), mmap_mode="r")
-    link = jax.jit(lambda p, r: stage_residual(p, cfg, r))
+    link = _link(cfg)
     stage_params = [jax.tree.map(lambda a, j=j: jnp.asarray(a[j]), params_J) for j in range(first, stage)]
 
     def read(c: int) -> jax.Array:
