@@ -144,6 +144,26 @@ def test_training_from_the_stream_equals_training_from_the_cache(tiny_model, tok
     assert recorded["kind"] == "stream" and recorded["hook"] == HOOK and recorded["buffer_contexts"] == W
 
 
+def test_training_on_a_mesh_asks_each_device_block_for_its_rows_only(tiny_model, tok, docs, tmp_path):
+    """8 devices, data axis 4: the loop asks the stream for row blocks, never the whole batch, and
+    the parameters are those of the run without a mesh (to the sharded sums' rounding)."""
+    from saeens.sharding import make_mesh
+    from saeens.train import fit
+
+    class Asked(ModelStream):
+        def batch(self, step, batch_size, seed, rows=slice(None)):
+            self.asked.append(len(range(batch_size)[rows]))
+            return super().batch(step, batch_size, seed, rows)
+
+    s = _stream(tiny_model, tok, docs)
+    s.__class__, s.asked = Asked, []
+    a = fit(tmp_path / "mesh", _run("bagging"), s, progress=False, mesh=make_mesh(2, 4))
+    assert s.asked and set(s.asked) == {64 // 4}
+    b = fit(tmp_path / "plain", _run("bagging"), _stream(tiny_model, tok, docs), progress=False)
+    for k in a.params:
+        np.testing.assert_allclose(np.asarray(a.params[k]), np.asarray(b.params[k]), rtol=2e-4, atol=2e-5, err_msg=k)
+
+
 @pytest.fixture
 def tiny_world(tiny_model, tok, docs, monkeypatch):
     """`--model tiny`, `--dataset tinynews` and `--dataset empty` for the command line (everything
