@@ -75,6 +75,16 @@ def test_loss_and_every_gradient_match_dense(arch, n_dead):
         assert float(_dense_j(p, cfg, x, dead)[0][1]["sparsity_loss"]) > 0
 
 
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_kept_values_below_zero_carry_no_gradient(arch):
+    cfg, p, x = _setup(arch)
+    p["b_enc"] = p["b_enc"] - 1.5  # many rows keep pre-activations <= 0 (codes 0, no gradient)
+    dead = _dead(3)
+    pre = sae.pre_activations(p, x)
+    assert float(jnp.min(jax.lax.top_k(pre, cfg.k)[0])) < 0
+    _assert_same(_dense_j(p, cfg, x, dead), _sparse_j(p, cfg, x, dead), f"{arch} negative kept values")
+
+
 def test_sae_loss_dispatches_to_the_kernel():
     cfg, p, x = _setup("topk")
     dead = _dead(10)
@@ -104,6 +114,24 @@ def test_matches_dense_under_vmap(arch):
     for j in range(3):
         pick = lambda t: jax.tree.map(lambda a: a[j], t)  # noqa: E731
         _assert_same(pick(dense), pick(sparse), f"{arch} member {j}")
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_gradients_follow_the_cotangents_of_mse_and_auxk(arch):
+    # the kernel forms the reconstruction gradients for a unit cotangent: other weights must scale them
+    cfg, p, x = _setup(arch)
+    dead = _dead(30)
+
+    def weighted(loss_fn, q):
+        aux = loss_fn(q)[1]
+        return 3.0 * aux["mse"] - 0.5 * aux["sparsity_loss"]
+
+    dense = jax.grad(lambda q: weighted(lambda r: sae.loss(r, cfg.replace(kernel="dense"), x, dead), q))(p)
+    spec = kernels.spec_of(cfg, **SMALL)
+    sparse = jax.grad(lambda q: weighted(lambda r: kernels.sparse_loss(r, cfg, x, dead, spec), q))(p)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        scale = float(jnp.max(jnp.abs(dense[name]))) + 1e-12
+        np.testing.assert_allclose(sparse[name], dense[name], rtol=1e-4, atol=1e-5 * scale, err_msg=f"{arch} {name}")
 
 
 def test_loss_without_gradients_matches_dense():
