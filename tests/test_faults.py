@@ -81,3 +81,16 @@ def test_evaluate_is_deterministic(acts, tmp_path):
         assert main(["evaluate", str(run), "--activations", str(acts), "--json", str(tmp_path / f"e{i}.json"), "--quiet"]) == 0
         outs.append(json.loads((tmp_path / f"e{i}.json").read_text()))
     assert outs[0] == outs[1]
+
+
+def test_a_failed_attempt_leaves_no_run_behind(acts, tmp_path, capsys):
+    """A mesh the batch does not split over fails at the first step: no config.json, no directory,
+    and the next attempt trains from scratch without claiming to resume."""
+    out = tmp_path / "r"
+    argv = ["train", "--activations", str(acts), "--out", str(out), *ARGS[:-1], "--tokens", "1500", "--batch-size", "100"]
+    assert main([*argv, "--mesh", "1x8", "--quiet"]) == 2  # 100 rows over 8 data shards
+    assert "does not split" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "resuming" not in err and (out / "config.json").is_file() and (out / "ensemble.json").is_file()

@@ -1,5 +1,6 @@
 """Trainers: bagging == separate trainings, boosting stages, unit norm, resume, the run directory."""
 
+import dataclasses
 import json
 
 import jax
@@ -175,7 +176,7 @@ def test_run_directory_refuses_another_config_or_source_and_records_the_source(s
     run = _run("single", n_tokens=128 * 4, checkpoint_every=2)
     acts = ArrayActivations(syn.acts_ND)
     train.fit(tmp_path, run, acts, progress=False, stop_after=3)
-    other_lr = RunConfig(run.sae, run.train.__class__(**{**run.train.__dict__, "lr": 1e-3}), run.ensemble)
+    other_lr = dataclasses.replace(run, train=dataclasses.replace(run.train, lr=1e-3))
     with pytest.raises(SaeensError, match="different config"):
         train.fit(tmp_path, other_lr, acts, progress=False)
     with pytest.raises(SaeensError, match="not on this cache"):
