@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from functools import partial
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -236,7 +235,7 @@ def test_features_command(tmp_path, acts, capsys):
     assert all(f["contexts"][0]["tokens"][f["contexts"][0]["focus"]].startswith("#") for f in rec["features"])
     cfg, params = load_saelens(out / "relu0" / "consensus_sae")
     assert cfg.width == rec["consensus"]["kept"] == len(rec["consensus"]["kept_features"])
-    assert json.loads((out / "boost" / "features.json").read_text())["consensus"]["export"].startswith("not one SAE")
+    assert json.loads((out / "boost" / "features.json").read_text())["consensus"]["export"].startswith("not exported")
     for r in ("relu0", "relu0-2", "boost"):
         assert (out / r / "index.html").is_file() and len(list((out / r / "features").glob("f*.html"))) == 5
     assert main(argv) == 0  # a second run rewrites its own output

@@ -59,7 +59,7 @@ def export_consensus(out: Path, ens: ensemble.Ensemble, rec: dict[str, Any], act
     from saeens.io.saelens import saelens_cfg, saelens_tensors, write_sae
 
     if ens.sequential or ens.cfg.arch == "topk" or ens.n_members < 2:
-        return "not one SAE: only a bagging ensemble of relu, jumprelu or batchtopk members is"
+        return "not exported: only bagging of two or more relu, jumprelu or batchtopk members is one SAE with a consensus"
     cons = rec["consensus"]
     keep_F = np.zeros(ens.width, bool)
     keep_F[cons["kept_features"]] = True
