@@ -164,6 +164,68 @@ def test_training_on_a_mesh_asks_each_device_block_for_its_rows_only(tiny_model,
         np.testing.assert_allclose(np.asarray(a.params[k]), np.asarray(b.params[k]), rtol=2e-4, atol=2e-5, err_msg=k)
 
 
+class Counted(ModelStream):
+    """The stream, counting the contexts its batches (not its init sample) ran and the rows asked."""
+
+    def batch(self, step, batch_size, seed, rows=slice(None)):
+        before = self.runner.contexts_run
+        out = super().batch(step, batch_size, seed, rows)
+        self.batch_contexts = getattr(self, "batch_contexts", 0) + self.runner.contexts_run - before
+        self.rows_asked = getattr(self, "rows_asked", 0) + len(out)
+        return out
+
+
+def test_two_processes_each_run_the_model_for_their_half_of_every_batch(tiny_model, tok, docs, tmp_path):
+    """Two processes (4 CPU devices each, data axis 8): each asks for and computes only its rows,
+    the run equals one process without a mesh, and each ran well under all the contexts."""
+    import socket
+
+    from saeens.train import fit
+
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, __file__, "multihost", str(i), str(port), str(tmp_path)], env=env,
+                              cwd=Path(__file__).parent.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for i in range(2)]
+    try:
+        logs = [p.communicate(timeout=400)[0].decode()[-3000:] for p in procs]
+    finally:  # never leave a worker behind (a dead peer blocks the other one)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert all(p.returncode == 0 for p in procs), logs
+    single = _stream(tiny_model, tok, docs)
+    single.__class__ = Counted
+    ref = fit(tmp_path / "single", _run("bagging", steps=12, batch=96), single, progress=False)
+    for i in range(2):
+        info = json.loads((tmp_path / f"info{i}.json").read_text())
+        assert info["rows_asked"] == 12 * 96 // 2
+        assert info["batch_contexts"] <= 0.75 * single.batch_contexts, (info, single.batch_contexts)
+        got = np.load(tmp_path / f"params{i}.npz")
+        for k, v in ref.params.items():
+            np.testing.assert_allclose(got[k], np.asarray(v), rtol=2e-4, atol=2e-5, err_msg=f"process {i} {k}")
+
+
+def _multihost_worker(process_id: int, port: int, out: Path) -> None:
+    from saeens import sharding
+
+    sharding.initialize_distributed(f"localhost:{port}", 2, process_id, timeout_s=120)
+    import conftest
+    import jax
+
+    from saeens.train import fit
+
+    s = _stream(conftest.tiny_model.__wrapped__(), byte_tokenizer(), load_corpus("bbc-news")[:N_DOCS])
+    s.__class__ = Counted
+    ens = fit(out / "shared_run", _run("bagging", steps=12, batch=96), s, progress=False, mesh=sharding.make_mesh(1, 8))
+    np.savez(out / f"params{process_id}.npz", **{k: np.asarray(v) for k, v in ens.params.items()})
+    (out / f"info{process_id}.json").write_text(json.dumps({"rows_asked": s.rows_asked, "batch_contexts": s.batch_contexts}))
+    jax.distributed.shutdown()
+
+
 @pytest.fixture
 def tiny_world(tiny_model, tok, docs, monkeypatch):
     """`--model tiny`, `--dataset tinynews` and `--dataset empty` for the command line (everything
@@ -276,4 +338,7 @@ def _train_in_this_process(out: str, checkpoint_every: int) -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parent))
-    _train_in_this_process(sys.argv[1], int(sys.argv[2]))
+    if sys.argv[1] == "multihost":
+        _multihost_worker(int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))
+    else:
+        _train_in_this_process(sys.argv[1], int(sys.argv[2]))
