@@ -1,11 +1,14 @@
 """Shared settings and helpers of the experiment scripts (SmolLM2-135M, blocks.15.hook_resid_post).
 
-Every script takes `--scale {tiny,full}`:
+Every script takes `--scale {tiny,full,gpu}`:
   tiny  a few thousand tokens, width 64, J <= 3: checks the code path in a minute or two; its runs
-        live in experiments/work/tiny/ and its results in experiments/work/tiny-results/ (never in
-        experiments/results/).
-  full  the real settings (SCALES["full"] below, and the README), results in experiments/results/.
-The activation cache is built ONCE per scale (`get_cache`) into experiments/work/cache-<scale>/ and
+        live in WORK/tiny/ and its results in WORK/tiny-results/ (never in experiments/results/).
+  full  the study (SCALES["full"] below, and the README), results in experiments/results/.
+  gpu   the same study at >= 30M tokens per SAE (epochs of every packaged token), sized for one
+        modern GPU; results in experiments/results/gpu/.
+WORK is experiments/work/, or $SAEENS_WORK when set: a directory outside the checkout survives a
+new checkout, so a study that spans sessions resumes where it stopped.
+The activation cache is built ONCE per scale (`get_cache`) into WORK/cache-<scale>/ and
 shared by all scripts; training runs live in experiments/work/<scale>/runs/<name>/ and are shared
 too (table 1 trains the J = 8 ensembles that the J sweep slices and that probing/SCR evaluate).
 Everything resumes: the cache continues after its last shard, `saeens.train.fit` from its last
@@ -45,7 +48,7 @@ import numpy as np
 from saeens.config import EnsembleConfig, RunConfig, SAEConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parent
-WORK = ROOT / "work"
+WORK = Path(os.environ.get("SAEENS_WORK") or ROOT / "work")
 MODEL = "smollm2-135m"
 LAYER = 15
 SITE = "resid_post"
@@ -91,7 +94,8 @@ class Scale:
     scr_ns: tuple[int, ...]
     checkpoint_every: int
     batch_forward: int
-    dead_tokens: int | None = None  # a latent silent this long is dead (TopK's AuxK revives it); None: train tokens  # contexts per model forward (cache, probing, SCR, spliced)
+    dead_tokens: int | None = None  # a latent silent this long is dead (TopK's AuxK revives it); None: train tokens
+    budgets: tuple[int, ...] = ()  # tokens at which single/expanded/bagging runs are also evaluated as they train
 
     @property
     def steps(self) -> int:
@@ -116,15 +120,30 @@ SCALES = {
         scr_train_per_group=12, scr_test_per_group=6, scr_ns=(2, 5, 10, 20, 50, 100),
         checkpoint_every=0, batch_forward=8,
     ),
+    # 10x the first study's 300k tokens (the convergence curves, experiments/convergence.py, show how far
+    # from its plateau each method is there); batch, lr and dead_tokens as before, so the evaluations
+    # at 0.3M and 1M tokens on the way reproduce the old budget with the same seeds
     "full": Scale(
-        name="full", cache_tokens=300_000, context_length=128, width=1152, k=32, members=8, seeds=4,
-        train_tokens=300_000, batch_size=1024, lr=1e-3, kernel="sparse",
+        name="full", cache_tokens=2_000_000, context_length=128, width=1152, k=32, members=8, seeds=4,
+        train_tokens=3_000_000, batch_size=1024, lr=1e-3, kernel="sparse",
         other_archs=OTHER_ARCHS, other_seeds=2,
-        other_train_tokens=150_000, pareto_ks=(8, 16, 32, 64), pareto_members=4, spliced_contexts=32, sweep_spliced_contexts=16,
-        connectivity_tokens=4096, hungarian_max_features=2048,
+        other_train_tokens=1_500_000, pareto_ks=(8, 16, 32, 64), pareto_members=4, spliced_contexts=32,
+        sweep_spliced_contexts=16, connectivity_tokens=4096, hungarian_max_features=2048,
         probe_train_per_class=200, probe_test_per_class=100, probe_context=128,
-        scr_train_per_group=300, scr_test_per_group=150, scr_ns=(2, 5, 10, 20, 50, 100),
-        checkpoint_every=50, batch_forward=16, dead_tokens=30_000,
+        scr_train_per_group=300, scr_test_per_group=150, scr_ns=(2, 5, 10, 20, 50, 100, 200, 500),
+        checkpoint_every=50, batch_forward=16, dead_tokens=30_000, budgets=(300_000, 1_000_000),
+    ),
+    # every packaged token cached (~2.7M train rows) and trained for ~11 epochs: 30M tokens per SAE /
+    # boosting stage; batch 4096 keeps the step count (7.3k) and the wall time within ~8 min on one GPU
+    "gpu": Scale(
+        name="gpu", cache_tokens=3_000_000, context_length=128, width=1152, k=32, members=8, seeds=2,
+        train_tokens=30_000_000, batch_size=4096, lr=1e-3, kernel="dense",
+        other_archs=(), other_seeds=0,
+        other_train_tokens=15_000_000, pareto_ks=(32,), pareto_members=4, spliced_contexts=64,
+        sweep_spliced_contexts=16, connectivity_tokens=4096, hungarian_max_features=2048,
+        probe_train_per_class=200, probe_test_per_class=100, probe_context=128,
+        scr_train_per_group=300, scr_test_per_group=150, scr_ns=(2, 5, 10, 20, 50, 100, 200, 500),
+        checkpoint_every=250, batch_forward=64, dead_tokens=30_000, budgets=(300_000, 3_000_000),
     ),
 }
 
@@ -141,8 +160,9 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
 
 
 def results_dir(scale: Scale) -> Path:
-    """experiments/results for the full scale; tiny results never go there."""
-    d = ROOT / "results" if scale.name == "full" else WORK / f"{scale.name}-results"
+    """experiments/results for the full scale, experiments/results/gpu for the GPU one; tiny results
+    never go there."""
+    d = {"full": ROOT / "results", "gpu": ROOT / "results" / "gpu"}.get(scale.name, WORK / f"{scale.name}-results")
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -227,7 +247,7 @@ def get_cache(scale: Scale, progress: bool = True):
         build_cache(MODEL, LAYER, SITE, corpus_documents(), scale.cache_tokens, out,
                     context_length=scale.context_length, batch_size=scale.batch_forward,
                     test_fraction=TEST_FRACTION, seed=SPLIT_SEED, progress=progress)
-        _add_seconds(out.parent / f"cache-{scale.name}.seconds.json", time.perf_counter() - t0)
+        add_seconds(out.parent / f"cache-{scale.name}.seconds.json", time.perf_counter() - t0)
     return ActivationCache(out)
 
 
@@ -285,7 +305,7 @@ def train_flops(run: RunConfig) -> float:
     return J * S * step + S * 4.0 * B * d * m * J * (J - 1) / 2
 
 
-def _add_seconds(path: Path, seconds: float) -> float:
+def add_seconds(path: Path, seconds: float) -> float:
     from saeens.io.files import atomic_write_text
 
     total = (json.loads(path.read_text())["seconds"] if path.is_file() else 0.0) + seconds
@@ -304,7 +324,7 @@ def ensure_run(scale: Scale, name: str, run: RunConfig, acts, progress: bool = T
 
     rd = runs_dir(scale) / name
     if (rd / runs.CONFIG).is_file() and RunConfig.load(rd / runs.CONFIG) != run:  # fit records and checks it
-        raise SaeensError(f"{rd} was trained with other settings: delete it (or experiments/work/{scale.name}) to retrain")
+        raise SaeensError(f"{rd} was trained with other settings: delete it (or {WORK / scale.name}) to retrain")
     seconds_path = rd.with_name(f"{name}.wall_seconds.json")  # beside the run: fit owns the run directory
     if (rd / "ensemble.json").is_file():
         ens, _ = load_ensemble(rd)
@@ -315,16 +335,16 @@ def ensure_run(scale: Scale, name: str, run: RunConfig, acts, progress: bool = T
         try:
             fit(rd, run, acts, progress=progress)
         finally:
-            _add_seconds(seconds_path, time.perf_counter() - t0)
+            add_seconds(seconds_path, time.perf_counter() - t0)
         ens, _ = load_ensemble(rd)  # the saved (float32, activation-unit) ensemble: same as a later load
     seconds = json.loads(seconds_path.read_text())["seconds"] if seconds_path.is_file() else float("nan")
-    return ens, {"run_dir": rd.relative_to(ROOT.parent).as_posix(), "train_seconds": seconds, "train_flops": train_flops(run),
+    return ens, {"run_dir": rd.relative_to(WORK).as_posix(), "train_seconds": seconds, "train_flops": train_flops(run),
                  "train_steps": run.train.n_steps * (run.ensemble.members if run.ensemble.method == "boosting" else 1)}
 
 
 def run_path(info: dict[str, Any]) -> Path:
-    """The run directory of ensure_run's info (kept relative to the repository in the results)."""
-    return ROOT.parent / info["run_dir"]
+    """The run directory of ensure_run's info (kept relative to WORK in the results)."""
+    return WORK / info["run_dir"]
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -349,12 +369,15 @@ class Spliced:
         self._base: dict[str, float] | None = None
 
     def fast(self, ens) -> dict[str, float]:
-        from saeens.evals.spliced import baseline_losses, spliced_losses
+        from saeens.evals.spliced import baseline_losses, outlier_threshold, spliced_losses
 
         model, _ = get_model()
+        # massive-activation rows keep their clean activation, as BOS does (the cache's test threshold)
+        above = outlier_threshold(get_cache(self.scale, progress=False).meta)
         if self._base is None:
-            self._base = baseline_losses(model, hook(), self.contexts, self.scale.batch_forward)
-        return spliced_losses(model, ens, hook(), self.contexts, self.scale.batch_forward, baseline=self._base)
+            self._base = baseline_losses(model, hook(), self.contexts, self.scale.batch_forward, clean_above=above)
+        return spliced_losses(model, ens, hook(), self.contexts, self.scale.batch_forward, baseline=self._base,
+                              clean_above=above)
 
 
 def fmt_ci(mean: float, low: float, high: float) -> str:

@@ -73,7 +73,10 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
             c = {"x": list(range(1, J + 1)), "mean": [], "ci_low": [], "ci_high": []}
             for j in range(1, J + 1):
                 if m == "stability":  # one score per independent ensemble: stability's own interval
-                    s = metrics.stability([np.asarray(ensemble.decoder(ensemble.prefix(e, j))) for e in ensembles])
+                    decs = [np.asarray(ensemble.decoder(ensemble.prefix(e, j))) for e in ensembles]
+                    s = metrics.stability(decs)
+                    chance = metrics.stability_chance([d.shape[0] for d in decs], decs[0].shape[1])["stability"]
+                    c.setdefault("chance", []).append(chance)  # the same computation on random unit vectors
                 else:
                     s = metrics.mean_ci([r[j - 1][m] for r in rows])
                 for key in ("mean", "ci_low", "ci_high"):
@@ -110,6 +113,8 @@ def markdown(result: dict[str, Any]) -> str:
                 row[m] = by_metric[m]["mean"][i]
             s = by_metric["stability"]
             row["stability"] = common.fmt_ci(s["mean"][i], s["ci_low"][i], s["ci_high"][i])
+            if "chance" in s:
+                row["chance"], row["x_chance"] = s["chance"][i], metrics.over_chance(s["mean"][i], s["chance"][i])
             rows.append(row)
         lines += [format_table(rows), ""]
     return "\n".join(lines)

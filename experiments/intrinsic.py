@@ -11,11 +11,13 @@ results/intrinsic.{json,md} and intrinsic.png.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from experiments import common
+from experiments.budgets import train_with_budgets
 from saeens import ensemble, metrics
 
 NAME = "intrinsic"
@@ -28,11 +30,37 @@ def arch_seeds(scale: common.Scale) -> list[tuple[str, int]]:
     return [("topk", scale.seeds)] + [(arch, scale.other_seeds) for arch, _ in scale.other_archs]
 
 
-def table_run(scale: common.Scale, acts, arch: str, method: str, seed: int, progress: bool):
-    """One of table 1's runs (trained on first use; the J sweep, probing and SCR reuse them)."""
-    J = 1 if method == "single" else scale.members
+def table_run(scale: common.Scale, acts, arch: str, method: str, seed: int, progress: bool,
+              spliced: common.Spliced | None = None):
+    """One of table 1's runs (trained on first use; the J sweep, probing and SCR reuse them).
+
+    The single SAE of seed s is member 0 of the bagging run of seed s: bagging's members never
+    interact, and member j is exactly the SAE a single run with its key trains (tests/test_train.py,
+    the bagging test), so the single row costs no training of its own. With `spliced`, single,
+    expanded and bagging runs are also evaluated at the scale's budgets as they train
+    (experiments/budgets.py; boosting's stage length is its budget, so it has no such points)."""
+    if method == "single":
+        bag, info = table_run(scale, acts, arch, "bagging", seed, progress, spliced)
+        J = bag.n_members
+        return ensemble.single(bag.cfg, ensemble.member(bag, 0)), {
+            **info, "run_dir": f"{info['run_dir']}/member-0", "member_of": info["run_dir"],
+            "train_seconds": info["train_seconds"] / J, "train_flops": info["train_flops"] / J}
+    J = scale.members
     run = common.run_config(scale, acts.d_in, arch, method, J, seed)
-    return common.ensure_run(scale, common.run_name(arch, method, J, seed, scale.k), run, acts, progress)
+    name = common.run_name(arch, method, J, seed, scale.k)
+    if spliced is not None and scale.budgets and method != "boosting":
+        train_with_budgets(scale, name, run, acts, scale.budgets, lambda e, _: budget_metrics(scale, acts, spliced, e),
+                           progress)
+    return common.ensure_run(scale, name, run, acts, progress)
+
+
+def budget_metrics(scale: common.Scale, acts, spliced: common.Spliced, ens) -> dict[str, Any]:
+    """The metrics of an ensemble at a budget and, for bagging, of its member 0 (the single SAE)."""
+    out = {**common.intrinsic_metrics(ens, acts, scale), **spliced.fast(ens)}
+    if ens.n_members > 1 and not ens.sequential:
+        one = ensemble.single(ens.cfg, ensemble.member(ens, 0))
+        out["single"] = {**common.intrinsic_metrics(one, acts, scale), **spliced.fast(one)}
+    return out
 
 
 def evaluate_run(scale, acts, spliced: common.Spliced, ens, info: dict[str, Any]) -> dict[str, Any]:
@@ -40,7 +68,10 @@ def evaluate_run(scale, acts, spliced: common.Spliced, ens, info: dict[str, Any]
         return {**common.intrinsic_metrics(ens, acts, scale), **spliced.fast(ens)}
 
     path = common.run_path(info) / f"eval-{NAME}-{spliced.contexts.shape[0]}ctx.json"
-    return {**common.cached_json(path, compute), **info}
+    out = {**common.cached_json(path, compute), **info}
+    small = common.results_dir(scale) / "runs" / f"{Path(info['run_dir']).as_posix().replace('/', '_')}.json"
+    common.cached_json(small, lambda: out)  # committable as soon as the run is evaluated
+    return out
 
 
 def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dict[str, Any] | None:
@@ -53,7 +84,7 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
         for method in common.METHODS:
             per_seed, decoders = [], []
             for seed in range(seeds):
-                ens, info = table_run(scale, acts, arch, method, seed, progress)
+                ens, info = table_run(scale, acts, arch, method, seed, progress, spliced)
                 per_seed.append({"seed": seed, **evaluate_run(scale, acts, spliced, ens, info)})
                 decoders.append(np.asarray(ensemble.decoder(ens)))
             row: dict[str, Any] = {"arch": arch, "method": method, "J": 1 if method == "single" else scale.members,
@@ -61,7 +92,7 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
             for m in METRICS:
                 row[m] = metrics.mean_ci([r[m] for r in per_seed])
             if len(decoders) >= 2:
-                row.update(stability_of(decoders))
+                row.update(stability_of(decoders, common.results_dir(scale) / "stability" / f"{arch}-{method}"))
                 row.update(hungarian_of(decoders, scale))
             rows.append(row)
             runs[f"{arch}/{method}"] = per_seed
@@ -71,11 +102,24 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
     return result
 
 
-def stability_of(decoders: list) -> dict[str, Any]:
-    """Table 1's stability columns: saeens.metrics.stability's mean, Student-t bounds and per-run scores."""
+def stability_of(decoders: list, vectors: Path | None = None) -> dict[str, Any]:
+    """Table 1's stability columns: saeens.metrics.stability's mean, Student-t bounds, per-run scores,
+    and its chance level (random unit vectors of the same counts) with the ratio over it. vectors:
+    where each run's per-feature max cosine to the other runs goes (<vectors>-s<r>.npy, float16),
+    small enough to commit and enough to redo any summary of stability without the runs."""
     s = metrics.stability(decoders)
+    if vectors is not None:
+        from saeens.io.files import atomic_save_npy
+
+        vectors.parent.mkdir(parents=True, exist_ok=True)
+        for r, W_FD in enumerate(decoders):
+            others_GD = np.concatenate([W for q, W in enumerate(decoders) if q != r])
+            best_F = np.asarray(metrics.max_cosine(W_FD, others_GD), np.float16)
+            atomic_save_npy(vectors.with_name(f"{vectors.name}-s{r}.npy"), best_F)
+    chance = metrics.stability_chance([int(d.shape[0]) for d in decoders], int(decoders[0].shape[1]))["stability"]
     return {"stability": s["mean"], "stability_ci_low": s["ci_low"], "stability_ci_high": s["ci_high"],
-            "stability_scores": s["scores"]}
+            "stability_scores": s["scores"], "stability_chance": chance,
+            "stability_over_chance": metrics.over_chance(s["mean"], chance)}
 
 
 def hungarian_of(decoders: list, scale: common.Scale) -> dict[str, Any]:
@@ -114,6 +158,8 @@ def markdown(result: dict[str, Any]) -> str:
             t[m] = r[m]["mean"]
         t["stability"] = common.fmt_ci(r["stability"], r["stability_ci_low"], r["stability_ci_high"]) \
             if "stability" in r else "n/a"
+        t["chance"] = r.get("stability_chance", "n/a")
+        t["x_chance"] = r.get("stability_over_chance", "n/a")
         t["train_s"] = r["train_seconds"]["mean"]
         t["train_TFLOP"] = r["train_flops"]["mean"] / 1e12
         table.append(t)

@@ -1,13 +1,17 @@
-"""Every experiment in order, resumably: cache -> sparsity probe -> table 1 -> J sweep -> Pareto -> probing -> SCR -> report.
+"""Every experiment in order, resumably: cache -> sparsity probe -> convergence -> table 1 -> J sweep ->
+Pareto -> probing -> SCR -> report.
 
     python -m experiments.run_all --scale full        # the study (see README for the budget)
+    python -m experiments.run_all --scale gpu         # the same at >= 30M tokens per SAE, one GPU
     python -m experiments.run_all --scale tiny        # the code path in a few minutes
-    python -m experiments.run_all --scale full --estimate   # training FLOPs per script, nothing run
+    python -m experiments.run_all --scale full --estimate   # planned hours per part, nothing trained
 
-Interrupt it at any point and run the same command again: the cache continues after its last shard,
-training runs resume from their last checkpoint (experiments/work/<scale>/runs/), evaluations already
-done are read back (eval-*.json in each run directory), and finished results are skipped. One
-process: the model is loaded once. Wall times per script accumulate in <results>/timings.json.
+The planned training time of each part (measured throughput, experiments/estimate.py) is printed
+before anything starts. Interrupt it at any point and run the same command again: the cache
+continues after its last shard, training runs resume from their last checkpoint
+(WORK/<scale>/runs/, WORK = $SAEENS_WORK or experiments/work), evaluations already done are read
+back (eval-*.json in each run directory), and finished results are skipped. One process: the
+model is loaded once. Wall times per script accumulate in <results>/timings.json.
 """
 
 from __future__ import annotations
@@ -15,26 +19,47 @@ from __future__ import annotations
 import json
 import time
 
-from experiments import (common, concept_detection, effect_of_j, intrinsic, pareto, report, sparsity_probe,
-                         spurious_removal)
+from experiments import (common, concept_detection, convergence, effect_of_j, intrinsic, pareto, report,
+                         sparsity_probe, spurious_removal)
+from experiments import estimate as planned
 
-STEPS = (("sparsity_probe", sparsity_probe.main), ("intrinsic", intrinsic.main), ("effect_of_j", effect_of_j.main),
+STEPS = (("sparsity_probe", sparsity_probe.main), ("convergence", convergence.main), ("intrinsic", intrinsic.main),
+         ("effect_of_j", effect_of_j.main),
          ("pareto", pareto.main), ("concept_detection", concept_detection.main),
          ("spurious_removal", spurious_removal.main), ("report", report.main))
 
 
-def estimate(scale: common.Scale, d_in: int = 576) -> dict[str, float]:
-    """Training FLOPs (dense FLOP model of common.py) that each script adds, in TFLOP."""
-    fl = lambda arch, method, J, seed, k=None: common.train_flops(  # noqa: E731
-        common.run_config(scale, d_in, arch, method, 1 if method == "single" else J, seed, k))
-    t1 = sum(fl("topk", m, scale.members, s) for m in common.METHODS for s in range(scale.seeds))
-    t1 += sum(fl(a, m, scale.members, s) for a, _ in scale.other_archs for m in common.METHODS
-              for s in range(scale.other_seeds))
+def estimate(scale: common.Scale, d_in: int = 576) -> dict[str, dict[str, float]]:
+    """Training TFLOP (dense FLOP model of common.py) that each script adds, split by kind: "topk"
+    (TopK runs) and "dense" (ReLU, JumpReLU). The single row is bagging's member 0: no runs of its own."""
+    fl = lambda arch, method, J, seed, k=None, tokens=None: common.train_flops(  # noqa: E731
+        _tokens(common.run_config(scale, d_in, arch, method, 1 if method == "single" else J, seed, k), tokens)) / 1e12
+    trained = [m for m in common.METHODS if m != "single"]
+    t1 = sum(fl("topk", m, scale.members, s) for m in trained for s in range(scale.seeds))
+    dense = sum(fl(a, m, scale.members, s) for a, _ in scale.other_archs for m in trained for s in range(scale.other_seeds))
     pa = sum(fl("topk", m, scale.pareto_members, 0, k) for k in scale.pareto_ks for m in common.METHODS
              if not (k == scale.k and m != "expanded"))
+    cp = convergence.PLANS[scale.name]
+    conv = len(convergence.SEEDS) * (
+        fl("topk", "single", 1, 0, tokens=cp.single_tokens) + fl("topk", "expanded", scale.members, 0, tokens=cp.expanded_tokens)
+        + fl("topk", "bagging", cp.ensemble_members, 0, tokens=cp.ensemble_tokens)
+        + sum(fl("topk", "boosting", cp.ensemble_members, 0, tokens=t) for t in cp.points if t <= cp.boosting_max))
     probe = len(sparsity_probe.GRID) * fl("relu", "single", 1, 0)
-    return {"sparsity_probe": probe / 1e12, "intrinsic": t1 / 1e12, "effect_of_j": 0.0, "pareto": pa / 1e12, "concept_detection": 0.0,
-            "spurious_removal": 0.0}
+    return {"sparsity_probe": {"dense": probe}, "convergence": {"topk": conv}, "intrinsic": {"topk": t1, "dense": dense},
+            "pareto": {"topk": pa}}
+
+
+def _tokens(run, tokens: int | None):
+    import dataclasses
+
+    return run if tokens is None else dataclasses.replace(run, train=dataclasses.replace(run.train, n_tokens=tokens))
+
+
+def print_estimate(scale: common.Scale) -> dict:
+    """Measure this machine's throughput at the scale's shapes and print the planned hours per part."""
+    out = {"scale": scale.name, "training_tflop": estimate(scale), **planned.plan(estimate(scale), planned.measure(scale))}
+    print(json.dumps(out, indent=2), flush=True)
+    return out
 
 
 def main(scale: common.Scale, force: bool = False, progress: bool = True) -> None:
@@ -42,6 +67,7 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> Non
 
     timings_path = common.results_dir(scale) / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    print_estimate(scale)
     t0 = time.perf_counter()
     common.get_cache(scale, progress)
     timings["cache"] = common.cache_seconds(scale)
@@ -56,10 +82,10 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> Non
 
 if __name__ == "__main__":
     ap = common.parser(__doc__)
-    ap.add_argument("--estimate", action="store_true", help="print training TFLOP per script and exit")
+    ap.add_argument("--estimate", action="store_true", help="print the planned hours per part (measured) and exit")
     a = ap.parse_args()
     sc = common.SCALES[a.scale]
     if a.estimate:
-        print(json.dumps(estimate(sc), indent=2))
+        print_estimate(sc)
     else:
         main(sc, a.force, not a.quiet)

@@ -20,7 +20,7 @@ import numpy as np
 from experiments import common
 from experiments.concept_detection import method_ensembles, pool_documents
 from saeens import ensemble
-from saeens.evals.scr import PooledSCRData, SCRConfig, scr_from_pooled, scr_sets
+from saeens.evals.scr import PooledSCRData, SCRConfig, score_ci, scr_from_pooled, scr_sets
 
 NAME = "spurious_removal"
 DATASET = "tweets-mention"
@@ -54,8 +54,11 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
         a_ba, c_ba, y_ba, s_ba = take("balanced_train", pooled_codes[i])
         a_te, c_te, y_te, s_te = take("test", pooled_codes[i])
         data = PooledSCRData(a_bi, y_bi, a_ba, c_ba, y_ba, s_ba, a_te, c_te, y_te, s_te)
-        probes, abl, rnd, top = scr_from_pooled(data, np.asarray(ensemble.decoder(e), np.float32), cfg)
+        W_dec = np.asarray(ensemble.decoder(e), np.float32)
+        probes, abl, rnd, top = scr_from_pooled(data, W_dec, cfg)
         methods[method] = {
+            # bootstrap over the test documents: a difference between methods inside it is none
+            **{f"scr_ci_top_{a.n_ablated}": score_ci(probes, data, W_dec, top[: a.n_ablated]) for a in abl},
             "n_features": e.width,
             "biased_accuracy": probes.biased_accuracy, "oracle_accuracy": probes.oracle_accuracy,
             "spurious_accuracy": probes.spurious_accuracy,

@@ -14,7 +14,7 @@ from saeens.errors import SaeensError
 from saeens.evals.probing import pooled
 from saeens.evals.scr import (
     PooledSCRData, SCRConfig, ablate_latents, ablate_pooled, ablated_pooled_acts, evaluate_ablation,
-    fit_scr_probes, latent_mask, rank_latents, run_scr, scr_from_pooled, scr_sets,
+    fit_scr_probes, latent_mask, rank_latents, run_scr, score_ci, scr_from_pooled, scr_sets,
 )
 
 HOOK = "blocks.0.hook_resid_post"
@@ -152,3 +152,15 @@ def test_latents_are_ranked_by_absolute_effect():
 
 def test_default_grid_reaches_500_latents():
     assert SCRConfig().n_ablated[-1] == 500 and 100 in SCRConfig().n_ablated
+
+
+def test_score_interval_is_a_bootstrap_over_test_documents():
+    rng = np.random.default_rng(0)
+    data, W = _synthetic(rng)
+    probes = fit_scr_probes(data, SCRConfig(n_ablated=(2,)))
+    top = evaluate_ablation(probes, data, W, [0, 2])
+    low, high = score_ci(probes, data, W, [0, 2])
+    assert low < top.score < high and high - low < 0.5
+    assert score_ci(probes, data, W, [0, 2]) == (low, high)  # seeded
+    rlow, rhigh = score_ci(probes, data, W, [10, 11])
+    assert rlow <= 0.0 <= rhigh  # a random pair of latents: no effect beyond the noise

@@ -242,6 +242,22 @@ def evaluate_ablation(probes: SCRProbes, data: PooledSCRData, W_dec_FD: np.ndarr
                           _score(acc, probes.biased_accuracy, probes.oracle_accuracy))
 
 
+def score_ci(probes: SCRProbes, data: PooledSCRData, W_dec_FD: np.ndarray, latents: Sequence[int],
+             n_boot: int = 1000, confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile interval of score(N) from a bootstrap over the balanced test documents (the
+    ablated, biased and oracle correctness of a document resampled together): the noise of ONE
+    test set, so a difference between methods inside it is no difference."""
+    a = ablate_pooled(data.acts_test, data.codes_test, W_dec_FD, latents)
+    y = np.asarray(data.y_test, bool)
+    ok_NK = np.stack([(p.decision(x) > 0) == y for p, x in
+                      ((probes.biased, a), (probes.biased, data.acts_test), (probes.oracle, data.acts_test))], 1)
+    idx_BN = np.random.default_rng(seed).integers(0, len(y), (n_boot, len(y)))
+    acc_BK = ok_NK[idx_BN].mean(axis=1)
+    scores = np.array([_score(*acc) for acc in acc_BK])
+    tail = 100 * (1 - confidence) / 2
+    return float(np.nanpercentile(scores, tail)), float(np.nanpercentile(scores, 100 - tail))
+
+
 def rank_latents(probes: SCRProbes, data: PooledSCRData, W_dec_FD: np.ndarray) -> np.ndarray:
     """All latents, largest absolute effect on the spurious probe first (ties: lower index first)."""
     effects = spurious_effects(data.codes_balanced, data.s_balanced, probes.spurious.raw_weight, W_dec_FD)

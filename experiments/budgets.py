@@ -1,0 +1,80 @@
+"""Evaluations at intermediate budgets of ONE training run, taken as it trains.
+
+The learning rate is constant (saeens/optim.py) and batch `s` depends only on (seed, s), so the
+state of a run after S steps is the state a run of S steps would end with, provided batch size, lr
+and dead_tokens are held fixed (the experiment scales hold them fixed across budgets). A run is
+therefore trained once, to its largest budget, and stopped at each smaller one on the way
+(`fit(stop_after=...)` returns the ensemble at that step; a checkpoint there lets the next leg
+resume). Boosting is the exception: its stage length is the budget, so each budget is its own run.
+
+Each evaluation is written twice: beside the run directory (in <run>.evals/, which `fit`, owner of
+the run directory, never sees; read back on a rerun) and as a small committable file under
+<results>/budgets/ (the run's name and steps), so a session that is cut short still leaves its
+finished evaluations to commit.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from experiments import common
+from saeens.config import RunConfig
+
+
+def budget_steps(run: RunConfig, tokens: Sequence[int]) -> list[int]:
+    """Step counts of the budgets below the run's own (rounded to whole checkpoints, at least one),
+    ascending, plus the run's last step."""
+    ce = max(run.train.checkpoint_every, 1)
+    steps = {max(ce, round(t / run.train.batch_size / ce) * ce) for t in tokens}
+    return sorted(s for s in steps if s < run.train.n_steps) + [run.train.n_steps]
+
+
+def evals_dir(scale: common.Scale, name: str) -> Path:
+    """Where a run's budget evaluations (and anything an evaluation keeps, e.g. decoders) live."""
+    d = common.runs_dir(scale) / f"{name}.evals"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _latest_step(run_dir: Path) -> int:
+    from saeens.train import checkpoints
+
+    if not (run_dir / "checkpoints").is_dir():
+        return 0
+    return checkpoints.manager(run_dir).latest_step() or 0
+
+
+def train_with_budgets(scale: common.Scale, name: str, run: RunConfig, acts, tokens: Sequence[int],
+                       evaluate: Callable[[Any, int], dict[str, Any]], progress: bool = True) -> list[dict[str, Any]]:
+    """Train `name` to its end, evaluating (evaluate(ensemble, steps) -> metrics) at each budget in `tokens`
+    on the way; one record per budget: steps, tokens (steps x batch) and the metrics. A budget that
+    the run has already passed without an evaluation (it was trained before) is left out."""
+    from saeens.train import fit, load_ensemble
+
+    rd = common.runs_dir(scale) / name
+    out_dir = common.results_dir(scale) / "budgets"
+    records = []
+    for steps in budget_steps(run, tokens):
+        path = evals_dir(scale, name) / f"eval-budget-{steps}.json"
+        if not path.is_file():
+            done = _latest_step(rd)
+            if (rd / "ensemble.json").is_file() and steps == run.train.n_steps:
+                ens, _ = load_ensemble(rd)
+            elif done > steps:
+                continue  # passed before budgets were asked for: nothing to evaluate at this step
+            else:
+                if progress:
+                    print(f"training {name} to step {steps} of {run.train.n_steps}")
+                info_path = rd.with_name(f"{name}.wall_seconds.json")
+                ens, seconds = common.timed(lambda: fit(rd, run, acts, progress=progress, stop_after=steps - done))
+                common.add_seconds(info_path, seconds)
+            common.cached_json(path, lambda: {"steps": steps, "tokens": steps * run.train.batch_size,
+                                              **evaluate(ens, steps)})
+        rec = json.loads(path.read_text())
+        out_dir.mkdir(parents=True, exist_ok=True)
+        common.cached_json(out_dir / f"{name}-{steps}.json", lambda: rec)
+        records.append(rec)
+    return records

@@ -1,0 +1,104 @@
+"""The study's protocol pieces without the model: evaluations at intermediate budgets equal runs of
+that many steps, the work directory moves with SAEENS_WORK, the noise rule of experiments/uncertainty.py,
+and the planned-hours estimate."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experiments import budgets, common, estimate, uncertainty
+from saeens import ensemble
+from saeens.data.cache import ArrayActivations
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "WORK", tmp_path / "work")
+    return tmp_path / "work"
+
+
+def _scale(**kw):
+    return dataclasses.replace(common.SCALES["tiny"], batch_size=64, checkpoint_every=4, dead_tokens=512, **kw)
+
+
+def test_a_budget_evaluation_is_the_run_of_that_many_steps(work):
+    """Constant lr, fixed batch and dead_tokens: stopping the long run at S steps gives the ensemble
+    an S-step run trains (so intermediate budgets cost no training of their own)."""
+    from saeens.train import fit
+
+    scale = _scale()
+    acts = ArrayActivations(np.random.default_rng(0).standard_normal((2000, 8)).astype(np.float32), 0.1)
+    run = common.run_config(scale, 8, "topk", "bagging", 2, 0)
+    run = dataclasses.replace(run, train=dataclasses.replace(run.train, n_tokens=64 * 20))
+    assert budgets.budget_steps(run, (64 * 8, 64 * 9, 10**9)) == [8, 20]  # rounded to whole checkpoints
+    seen = {}
+
+    def evaluate(ens, steps):
+        seen[steps] = np.asarray(ensemble.decoder(ens))
+        return {"fvu": float(steps)}
+
+    recs = budgets.train_with_budgets(scale, "r", run, acts, (64 * 8,), evaluate, progress=False)
+    assert [(r["steps"], r["tokens"]) for r in recs] == [(8, 512), (20, 1280)]
+    short = dataclasses.replace(run, train=dataclasses.replace(run.train, n_tokens=64 * 8))
+    alone = np.asarray(ensemble.decoder(fit(work / "alone", short, acts, progress=False)))
+    np.testing.assert_allclose(seen[8], alone, rtol=1e-5, atol=1e-6)
+    assert sorted(p.name for p in (work / "tiny-results" / "budgets").iterdir()) == ["r-20.json", "r-8.json"]
+    seen.clear()  # a rerun reads every evaluation back: nothing is trained or evaluated again
+    assert budgets.train_with_budgets(scale, "r", run, acts, (64 * 8,), evaluate, progress=False) == recs and not seen
+
+
+def test_the_work_directory_follows_saeens_work(tmp_path):
+    code = "from experiments import common; print(common.WORK); print(common.results_dir(common.SCALES['tiny']))"
+    env = {**os.environ, "SAEENS_WORK": str(tmp_path / "elsewhere")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [str(tmp_path / "elsewhere"), str(tmp_path / "elsewhere" / "tiny-results")]
+
+
+def test_a_flip_inside_the_noise_is_no_difference():
+    a, b = {"mean": 0.50, "ci_low": 0.45, "ci_high": 0.55}, {"mean": 0.52, "ci_low": 0.48, "ci_high": 0.56}
+    assert uncertainty.compare(a, b) == uncertainty.NO_DIFFERENCE
+    c = {"mean": 0.70, "ci_low": 0.66, "ci_high": 0.74}
+    assert uncertainty.compare(c, a) == "higher" and uncertainty.compare(a, c) == "lower"
+    assert uncertainty.compare(c, {"mean": 0.1, "ci_low": float("nan"), "ci_high": float("nan")}) == uncertainty.NO_DIFFERENCE
+    assert uncertainty.best_of({"x": a, "y": b, "z": c}) == "z" and uncertainty.best_of({"x": a, "y": b}) == "no difference"
+    assert uncertainty.best_of({"x": a, "z": c}, higher_is_better=False) == "x"
+    assert uncertainty.change("higher", "lower") == "flips" and uncertainty.change("higher", "no difference") == "vanishes"
+    assert uncertainty.change("no difference", "no difference") == "none"
+
+
+def test_bootstrap_over_documents():
+    correct = np.r_[np.ones(80), np.zeros(20)]
+    ci = uncertainty.bootstrap_ci(correct)
+    assert ci["mean"] == pytest.approx(0.8) and 0.70 < ci["ci_low"] < 0.8 < ci["ci_high"] < 0.9
+    assert uncertainty.bootstrap_ci(correct) == ci  # seeded
+    d = uncertainty.paired_bootstrap_ci(correct, correct)
+    assert d["mean"] == 0.0 and d["ci_low"] == d["ci_high"] == 0.0
+
+
+def test_estimate_prints_planned_hours_from_measured_throughput(work, capsys):
+    from experiments import run_all
+
+    scale = common.SCALES["tiny"]
+    rates = estimate.measure(scale, d_in=16, steps=1)
+    assert set(rates) == {"topk", "dense"} and all(r > 0 for r in rates.values())
+    parts = run_all.estimate(scale, d_in=16)
+    assert set(parts) == {"sparsity_probe", "convergence", "intrinsic", "pareto"}
+    planned = estimate.plan(parts, rates)
+    want = sum(t * 1e12 / rates[k] for kinds in parts.values() for k, t in kinds.items()) / 3600
+    assert planned["total_hours"] == pytest.approx(want, abs=0.01)
+    full = run_all.estimate(common.SCALES["full"])
+    # single costs nothing of its own (bagging's member 0), and the study is >= 10x the old budget
+    assert full["intrinsic"]["topk"] == pytest.approx(sum(
+        common.train_flops(common.run_config(common.SCALES["full"], 576, "topk", m, 8, s)) / 1e12
+        for m in ("expanded", "bagging", "boosting") for s in range(4)))
+    assert common.SCALES["full"].train_tokens >= 3_000_000 and common.SCALES["full"].other_train_tokens >= 1_500_000
+    assert common.SCALES["gpu"].train_tokens >= 30_000_000
+    assert json.dumps(planned)
