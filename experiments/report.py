@@ -159,9 +159,20 @@ def downstream_findings(cd: dict | None, scr: dict | None) -> list[str]:
     if scr:
         best = {m: max(a["score"] for a in r["ablations"]) for m, r in scr["methods"].items()}
         rnd = {m: max((a["score"] for a in r["random_ablations"]), default=float("nan")) for m, r in scr["methods"].items()}
+        winner = max(best, key=best.get)
+        n_best = {m: max(r["ablations"], key=lambda a: a["score"])["n_ablated"] for m, r in scr["methods"].items()}
+        # the interval over test documents (bootstrap), where the result records it
+        ci = {m: dict(zip(("ci_low", "ci_high"), r.get(f"scr_ci_top_{n_best[m]}", (float("nan"),) * 2)))
+              for m, r in scr["methods"].items()}
+        if any(math.isnan(c["ci_low"]) for c in ci.values()):
+            verdict = f"Highest: {winner} (no bootstrap interval recorded: rerun spurious_removal to judge the noise)."
+        elif all(compare(ci[winner], ci[m]) == "higher" for m in best if m != winner):
+            verdict = f"Best: **{winner}** (its bootstrap interval clears every other method's)."
+        else:
+            verdict = f"Highest: {winner}, but {NO_DIFFERENCE} beyond the test documents' noise (bootstrap intervals overlap)."
         out.append(f"- **Spurious-correlation removal** (paper: Bias in Bios; here {scr['dataset']}). Best SCR score "
-                   "over N: " + ", ".join(f"{m} {f3(v)} (random control {f3(rnd[m])})" for m, v in best.items())
-                   + f". Best: **{max(best, key=best.get)}**.")
+                   "over N: " + ", ".join(f"{m} {f3(v)} [{f3(ci[m]['ci_low'])}, {f3(ci[m]['ci_high'])}] (random "
+                                          f"control {f3(rnd[m])})" for m, v in best.items()) + f". {verdict}")
     return out
 
 

@@ -102,3 +102,16 @@ def test_estimate_prints_planned_hours_from_measured_throughput(work, capsys):
     assert common.SCALES["full"].train_tokens >= 3_000_000 and common.SCALES["full"].other_train_tokens >= 1_500_000
     assert common.SCALES["gpu"].train_tokens >= 30_000_000
     assert json.dumps(planned)
+
+
+def test_report_calls_an_scr_lead_inside_the_bootstrap_noise_no_difference():
+    from experiments import report
+
+    def method(score, ci):
+        return {"ablations": [{"n_ablated": 5, "score": score}], "random_ablations": [{"n_ablated": 5, "score": 0.0}],
+                "scr_ci_top_5": ci}
+
+    scr = {"dataset": "d", "methods": {"single": method(0.31, [0.20, 0.40]), "bagging": method(0.25, [0.15, 0.35])}}
+    assert "no difference" in report.downstream_findings(None, scr)[0]
+    scr["methods"]["bagging"] = method(0.05, [0.0, 0.1])
+    assert "Best: **single**" in report.downstream_findings(None, scr)[0]
