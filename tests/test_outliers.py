@@ -186,3 +186,16 @@ def test_the_model_stream_applies_the_same_rule():
     n_q = int((np.linalg.norm(all_rows, axis=1) > held.meta["outlier_threshold"]).sum())
     assert n_q > 0 and len(rows) == len(all_rows) - n_q
     assert outlier_threshold(held.meta) == held.meta["outlier_threshold"]
+
+
+def test_saeens_cache_records_the_outlier_factor(tmp_path):
+    from saeens.cli import main
+
+    x_ND, _ = _rows()
+    np.save(tmp_path / "x.npy", x_ND)
+    assert main(["cache", "--from-npy", str(tmp_path / "x.npy"), "--out", str(tmp_path / "a"), "--outlier-factor", "20"]) == 0
+    assert ActivationCache(tmp_path / "a").meta["outliers"]["factor"] == 20.0
+    assert main(["cache", "--from-npy", str(tmp_path / "x.npy"), "--out", str(tmp_path / "b"), "--outlier-factor", "0"]) == 0
+    assert "outliers" not in ActivationCache(tmp_path / "b").meta and not list((tmp_path / "b").glob("keep_*"))
+    assert main(["cache", "--from-npy", str(tmp_path / "x.npy"), "--out", str(tmp_path / "c"), "--outlier-factor", "0.5"]) == 2
+    assert not (tmp_path / "c").exists()  # refused before anything was written

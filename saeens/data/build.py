@@ -32,7 +32,7 @@ from saeens.data.corpora import DEFAULT_SPLIT_SEED as SPLIT_SEED
 from saeens.data.corpora import DEFAULT_TEST_FRACTION as TEST_FRACTION
 from saeens.data.corpora import Document, load_corpus, split_documents
 from saeens.data.extract import ActsFn, extract_to_cache, model_acts_fn
-from saeens.data.outliers import OUTLIER_FACTOR
+from saeens.data.outliers import OUTLIER_FACTOR, check_factor
 from saeens.data.tokens import PackedContexts, iter_packed, pack_documents, tokenizer_name
 from saeens.errors import SaeensError
 
@@ -109,6 +109,7 @@ def cache_documents(
     to an uninterrupted one; a complete one is left as it is. Other arguments: a one-line error.
     outlier_factor: rows above that multiple of their split's median norm are flagged when the
     cache closes (data/outliers.py; None: no masks)."""
+    check_factor(outlier_factor)
     if n_tokens is not None and n_tokens < 1:
         raise SaeensError(f"--tokens must be positive, got {n_tokens}")
     if context_length < 2:
@@ -241,6 +242,7 @@ def build_cache(
     blocks.{layer}.hook_{site} on `dataset` (a corpus name, see corpora.py, or Documents)."""
     from saeens.models import hook_name, load_model
 
+    check_factor(outlier_factor)  # before the model loads
     hook = hook_name(layer, site)
     out = Path(out)
     request = _request({"model": model_name, "hook": hook}, dataset, n_tokens, context_length, test_fraction, seed,

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from saeens.data.outliers import OUTLIER_FACTOR, write_masks
+from saeens.data.outliers import OUTLIER_FACTOR, check_factor, write_masks
 from saeens.errors import SaeensError
 from saeens.io.files import atomic_save_npy, atomic_write_text, read_json
 
@@ -193,6 +193,7 @@ def cache_from_array(
     shard_rows: int = 65536, outlier_factor: float | None = OUTLIER_FACTOR,
 ) -> Path:
     """Any [n, d_in] array -> a cache; the last test_fraction of rows become the test split."""
+    check_factor(outlier_factor)
     acts_ND = np.asarray(acts_ND)
     if acts_ND.ndim != 2 or acts_ND.shape[0] < 2:
         raise SaeensError(f"expected an [n, d_in] array with n >= 2, got shape {acts_ND.shape}")

@@ -38,10 +38,15 @@ def _shard_norms(out: Path, entry: dict[str, Any], chunk_rows: int = 65536) -> n
                            for lo in range(0, max(arr_ND.shape[0], 1), chunk_rows)])
 
 
+def check_factor(factor: float | None) -> None:
+    """Refuse a factor that would flag ordinary rows before any work is done (None: no rule)."""
+    if factor is not None and not factor > 1:
+        raise SaeensError(f"--outlier-factor must be above 1 (a multiple of the median norm), got {factor}: use e.g. 10")
+
+
 def write_masks(out: Path, shards: list[dict[str, Any]], factor: float) -> dict[str, Any]:
     """keep_*.npy for every shard (norm <= factor x its split's median norm) and the record for meta.json."""
-    if not factor > 1:
-        raise SaeensError(f"--outlier-factor must be above 1 (a multiple of the median norm), got {factor}")
+    check_factor(factor)
     norms = [_shard_norms(out, s) for s in shards]
     record: dict[str, Any] = {"factor": float(factor), "rule": "norm > factor x the split's median norm", "splits": {}}
     for split in SPLITS:

@@ -42,7 +42,7 @@ import numpy as np
 
 from saeens.data.build import CONTEXT_LENGTH, SPLIT_SEED, TEST_FRACTION, shuffled_split
 from saeens.data.corpora import Document
-from saeens.data.outliers import OUTLIER_FACTOR
+from saeens.data.outliers import OUTLIER_FACTOR, check_factor
 from saeens.data.tokens import PackedContexts, pack_documents, tokenizer_name
 from saeens.errors import SaeensError
 
@@ -131,10 +131,9 @@ class ContextRunner:
 
 def outlier_threshold(runner: ContextRunner, factor: float | None) -> float | None:
     """factor x the median row norm of the split's first REFERENCE_CONTEXTS contexts (None: no rule)."""
+    check_factor(factor)
     if factor is None:
         return None
-    if not factor > 1:
-        raise SaeensError(f"--outlier-factor must be above 1 (a multiple of the median norm), got {factor}")
     ids = np.arange(min(REFERENCE_CONTEXTS, runner.n_contexts))
     norms = np.concatenate([np.linalg.norm(a_NTD, axis=-1).reshape(-1) for _, a_NTD in runner.run(ids)])
     runner.contexts_run -= len(ids)  # a one-off reference, not training work
