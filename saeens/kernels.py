@@ -289,7 +289,7 @@ def _forward(spec: Spec, W_enc, b_enc, W_dec, b_dec, x_BD, dead_M, grads: bool):
     xc_BD = x_BD - b_dec
     if spec.batch:
         z_BM = _encoder_product(xc_BD, W_enc, spec.compute_dtype)
-        v_N, rows_N, lat_N = topk.batch_top_k(z_BM + b_enc.astype(z_BM.dtype), spec.k, spec.select_block)
+        v_N, rows_N, lat_N = topk.batch_top_k(z_BM, spec.k, spec.select_block, b_enc.astype(z_BM.dtype))
         v_N = v_N.astype(W_dec.dtype)
         err_BD, main = _entries_pass(v_N, rows_N, lat_N, xc_BD, W_dec, spec.chunk, grads)
     else:

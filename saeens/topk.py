@@ -5,7 +5,8 @@ is a large share of a training step. The k largest entries of a row all lie in t
 `block` consecutive latents) with the largest maxima: a kept entry outside them would have k
 larger block maxima above it, hence k larger entries. So a vectorised max over blocks, a top-k of
 the M/block maxima and a top-k of the k*block gathered candidates select the same set as
-`lax.top_k` (up to exact ties, which either rule may break differently).
+`lax.top_k` (up to exact ties, which either rule may break differently). BatchTopK applies the
+same argument to the whole batch, with radix selects instead of top-k calls.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import jax
 import jax.numpy as jnp
 
 SELECT_BLOCK = 16  # latents per block of the first stage
-BATCH_CANDIDATES = 4  # BatchTopK: each row offers its top (this * k) pre-activations
 
 
 def row_top_k(
@@ -51,31 +51,47 @@ def row_top_k(
     return vals_BK, lat_BK.astype(jnp.int32)
 
 
-def batch_top_k(pre_BM: jax.Array, k: int, block: int = SELECT_BLOCK) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(values_N, rows_N, latents_N) of the N = k*B largest pre-activations of the batch, grouped
-    by row (int32 indices).
+def batch_top_k(
+    z_BM: jax.Array, k: int, block: int = SELECT_BLOCK, bias_M: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(values_N, rows_N, latents_N) of the N = k*B largest of z + bias in the whole batch,
+    grouped by row (int32 indices).
 
-    Each row offers its top (BATCH_CANDIDATES * k) as candidates and the batch's k*B largest are
-    taken among them. That is exact unless some row had all its candidates kept (its next value
-    might belong too): then the flat top-k over the whole batch runs instead (a `lax.while_loop`
-    of 0 or 1 iterations, so under vmap it costs nothing unless a member needs it).
+    The same pruning as `row_top_k`, over the batch: the N largest lie in the N blocks with the
+    largest maxima. Both selections (N of the B*M/block maxima, then N of the N*block gathered
+    candidates) are radix selects (`_largest_mask`), whose masks keep row-major order, so no
+    sort is needed to group the entries by token.
     """
-    B, M = pre_BM.shape
+    B, M = z_BM.shape
     n = k * B
-    c = min(M, BATCH_CANDIDATES * k)
-    if c >= M:  # every pre-activation is a candidate: the flat top-k is the only way
-        vals, flat = jax.lax.top_k(pre_BM.reshape(-1), n)
-        rows, lats = flat // M, flat % M
-    else:
-        cv_BC, ci_BC = row_top_k(pre_BM, c, block)  # (BatchTopK's flat fallback needs pre whole)
-        vals, sel = jax.lax.top_k(cv_BC.reshape(-1), n)  # positions in the [B, c] candidates
-        rows, lats = sel // c, ci_BC.reshape(-1)[sel]
-        need_exact = jnp.any(jnp.zeros((B,), jnp.int32).at[rows].add(1) >= c)
+    bias_M = jnp.zeros((M,), z_BM.dtype) if bias_M is None else bias_M
+    block = max(1, min(block, M // (2 * k)))
+    pad = (-M) % block
+    if pad:  # odd widths: -inf latents fill the last block and are never kept
+        z_BM = jnp.pad(z_BM, ((0, 0), (0, pad)), constant_values=-jnp.inf)
+        bias_M = jnp.pad(bias_M, (0, pad))
+    nb = (M + pad) // block
+    max_BN = functools.reduce(jnp.maximum, [z_BM[:, i::block] + bias_M[i::block] for i in range(block)])
+    blk_N = jnp.nonzero(_largest_mask(max_BN.reshape(-1), n), size=n)[0]  # ascending: row-major
+    cand_NL = z_BM.reshape(B * nb, block).at[blk_N].get(mode="promise_in_bounds")
+    cand_NL = cand_NL + bias_M.reshape(nb, block).at[blk_N % nb].get(mode="promise_in_bounds")
+    pos_N = jnp.nonzero(_largest_mask(cand_NL.reshape(-1), n), size=n)[0]
+    blk_of_N = blk_N[pos_N // block]
+    lat_N = (blk_of_N % nb) * block + pos_N % block
+    return cand_NL.reshape(-1)[pos_N], (blk_of_N // nb).astype(jnp.int32), lat_N.astype(jnp.int32)
 
-        def exact(state):
-            v, f = jax.lax.top_k(pre_BM.reshape(-1), n)
-            return v, f // M, f % M, jnp.zeros((), bool)
 
-        vals, rows, lats, _ = jax.lax.while_loop(lambda st: st[3], exact, (vals, rows, lats, need_exact))
-    order = jnp.argsort(rows, stable=True)  # group the entries by token (locality of the decode)
-    return vals[order], rows[order].astype(jnp.int32), lats[order].astype(jnp.int32)
+def _largest_mask(v_N: jax.Array, n: int) -> jax.Array:
+    """Mask of the n largest of v_N, by radix select: the n-th largest value is found bit by bit
+    on the order-preserving uint32 image of the floats, 32 vectorised counting passes (a top-k or
+    a sort of a few hundred thousand values costs many times more on CPU)."""
+    bits_N = jax.lax.bitcast_convert_type(v_N.astype(jnp.float32), jnp.uint32)
+    u_N = jnp.where(bits_N >> 31 == 1, ~bits_N, bits_N | jnp.uint32(1 << 31))
+
+    def bit(i, t):
+        trial = t | (jnp.uint32(1 << 31) >> i.astype(jnp.uint32))
+        return jnp.where(jnp.sum(u_N >= trial) >= n, trial, t)
+
+    t = jax.lax.fori_loop(0, 32, bit, jnp.uint32(0))  # the largest t with n values >= t
+    above_N, tie_N = u_N > t, u_N == t
+    return above_N | (tie_N & (jnp.cumsum(tie_N) <= n - jnp.sum(above_N)))

@@ -94,13 +94,13 @@ def test_sae_loss_dispatches_to_the_kernel():
     _assert_same(_dense_j(p, cfg, x, dead), via_sae, "sae.loss kernel=sparse")
 
 
-def test_batchtopk_exact_fallback_when_one_row_takes_all_candidates():
+def test_batchtopk_when_one_row_takes_most_of_the_batch():
     cfg, p, x = _setup("batchtopk")
-    x = x.at[0].multiply(50.0)  # row 0 owns more than its 4k candidates of the batch top-k*B
+    x = x.at[0].multiply(50.0)  # row 0 owns more than 4k of the batch top-k*B
     pre = sae.pre_activations(p, x)
     assert int(jnp.sum(sae.batch_topk_codes(pre, cfg.k)[0] > 0)) > 4 * cfg.k
     dead = _dead(4)
-    _assert_same(_dense_j(p, cfg, x, dead), _sparse_j(p, cfg, x, dead), "fallback")
+    _assert_same(_dense_j(p, cfg, x, dead), _sparse_j(p, cfg, x, dead), "one row takes most")
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
@@ -167,9 +167,10 @@ def test_row_top_k_selects_what_lax_top_k_selects(B_, M_, k, block):
     assert idx.dtype == jnp.int32
 
 
-def test_batch_top_k_selects_the_batch_largest():
-    pre = jnp.asarray(np.random.default_rng(0).normal(size=(24, 96)), jnp.float32)
-    pre = pre.at[3].multiply(20.0)  # row 3 owns more than its candidates: the exact fallback runs
+@pytest.mark.parametrize("M_", [96, 98])  # 98: the last block is padded
+def test_batch_top_k_selects_the_batch_largest(M_):
+    pre = jnp.asarray(np.random.default_rng(0).normal(size=(24, M_)), jnp.float32)
+    pre = pre.at[3].multiply(20.0)  # row 3 owns far more than k of the batch's largest
     for p_ in (pre, pre / jnp.abs(pre).max(axis=1, keepdims=True)):
         vals, rows, lats = jax.jit(topk.batch_top_k, static_argnums=(1, 2))(p_, 2, 4)
         ref = np.zeros(p_.size, bool)
@@ -179,6 +180,17 @@ def test_batch_top_k_selects_the_batch_largest():
         np.testing.assert_array_equal(got, ref.reshape(p_.shape))
         assert np.all(np.diff(np.asarray(rows)) >= 0)  # grouped by token
         np.testing.assert_array_equal(vals, np.asarray(p_)[np.asarray(rows), np.asarray(lats)])
+
+
+def test_batch_top_k_with_ties_keeps_exactly_k_per_token_on_average():
+    # integer pre-activations: the n-th largest value is shared by many entries
+    pre = jnp.asarray(np.random.default_rng(1).integers(-3, 4, size=(16, 64)), jnp.float32)  # many ties
+    n = 16 * 20
+    vals, rows, lats = jax.jit(topk.batch_top_k, static_argnums=(1, 2))(pre, 20, 4)
+    assert vals.shape == (n,) and len(set(zip(np.asarray(rows), np.asarray(lats)))) == n
+    nth = np.sort(np.asarray(pre).reshape(-1))[::-1][n - 1]
+    assert np.sum(np.asarray(pre) == nth) > 1 and np.sum(np.asarray(pre) > nth) > 0  # a tie at the n-th
+    assert np.all(np.asarray(vals) >= nth) and np.sum(np.asarray(vals) > nth) == np.sum(np.asarray(pre) > nth)
 
 
 def test_refuses_to_differentiate_the_input():
