@@ -13,6 +13,7 @@ results/concept_detection.{json,md,png}.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import Any
 
@@ -97,7 +98,7 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
             }
         datasets[name] = {"counts": ds.counts(), "methods": by_method}
     result = {"scale": scale.name, "hook": common.hook(), "members": scale.members, "width": scale.width,
-              "k": scale.k, "config": common.dataclasses.asdict(cfg), "datasets": datasets}
+              "k": scale.k, "config": dataclasses.asdict(cfg), "datasets": datasets}
     common.write_result(scale, NAME, result, markdown(result))
     plot(result, common.results_dir(scale) / f"{NAME}.png")
     return result

@@ -11,6 +11,7 @@ results/intrinsic.{json,md} and intrinsic.png.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +134,7 @@ def hungarian_of(decoders: list, scale: common.Scale) -> dict[str, Any]:
 def setting(scale: common.Scale, acts) -> dict[str, Any]:
     return {"model": common.MODEL, "hook": common.hook(), "corpora": list(common.CORPORA),
             "train_rows": acts.n_rows("train"), "test_rows": acts.n_rows("test"),
-            "scale": common.dataclasses.asdict(scale), "cache_seconds": common.cache_seconds(scale),
+            "scale": dataclasses.asdict(scale), "cache_seconds": common.cache_seconds(scale),
             "flop_model": "dense: 12*B*d*m per member-step; boosting + 4*B*d*m per earlier stage per step"}
 
 

@@ -46,8 +46,6 @@ def intrinsic_findings(t1: dict) -> list[str]:
     for arch in dict.fromkeys(r["arch"] for r in t1["rows"]):
         rows = {m: _row(t1, arch, m) for m in common.METHODS}
         ev = {m: r["explained_variance"]["mean"] for m, r in rows.items() if r}
-        ev_tok = {m: r["explained_variance_per_token"]["mean"] for m, r in rows.items() if r}
-        mse = {m: r["mse"]["mean"] for m, r in rows.items() if r}
         present = {m: r for m, r in rows.items() if r}
         # a best method only when its interval over seeds clears every other's: a lead inside the noise is none
         best = best_of({m: r["explained_variance"] for m, r in present.items()})
