@@ -24,6 +24,7 @@ from flax import nnx
 
 from experiments import common
 from experiments.intrinsic import table_run
+from experiments.uncertainty import accuracy_ci
 from saeens import ensemble
 from saeens.evals.probing import ProbingConfig, hook_acts, pool_weights, probe_pooled, tokenize_texts
 
@@ -93,6 +94,9 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
             by_method[method] = {
                 "llm_test_accuracy": float(np.mean([t.llm_test_accuracy for t in tasks])),
                 **{f"sae_top_{k}_test_accuracy": float(np.mean([dict(t.sae_test_accuracy)[k] for t in tasks]))
+                   for k in KS},
+                # bootstrap over each task's test documents: a difference between methods inside it is none
+                **{f"sae_top_{k}_test_accuracy_ci": accuracy_ci([(dict(t.sae_test_accuracy)[k], t.n_test) for t in tasks])
                    for k in KS},
                 "tasks": [t.to_dict() for t in tasks],
             }

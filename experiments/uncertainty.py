@@ -42,6 +42,19 @@ def paired_bootstrap_ci(a_N: Sequence[float], b_N: Sequence[float], n_boot: int 
     return bootstrap_ci(a - b, np.mean, n_boot, confidence, seed)
 
 
+def accuracy_ci(tasks: Sequence[tuple[float, int]], n_boot: int = 2000, confidence: float = 0.95,
+                seed: int = 0) -> dict[str, Any]:
+    """The mean accuracy over tasks, each (accuracy, test documents), with a bootstrap over every
+    task's test documents (a 0/1 correctness per document: its resamples depend only on the count
+    of correct ones, so the accuracy and the count are enough). Tasks are resampled independently."""
+    rng = np.random.default_rng(seed)
+    correct = [np.r_[np.ones(int(round(a * n))), np.zeros(n - int(round(a * n)))] for a, n in tasks]
+    boots = np.mean([[v[rng.integers(0, v.size, v.size)].mean() for v in correct] for _ in range(n_boot)], axis=1)
+    tail = 100 * (1 - confidence) / 2
+    return {"mean": float(np.mean([a for a, _ in tasks])), "ci_low": float(np.percentile(boots, tail)),
+            "ci_high": float(np.percentile(boots, 100 - tail)), "confidence": confidence}
+
+
 def compare(a: Mapping[str, float], b: Mapping[str, float]) -> str:
     """'higher', 'lower' (a against b) when the intervals [ci_low, ci_high] are disjoint, else
     NO_DIFFERENCE (also when either interval is missing or NaN: nothing can be claimed)."""

@@ -115,3 +115,10 @@ def test_report_calls_an_scr_lead_inside_the_bootstrap_noise_no_difference():
     assert "no difference" in report.downstream_findings(None, scr)[0]
     scr["methods"]["bagging"] = method(0.05, [0.0, 0.1])
     assert "Best: **single**" in report.downstream_findings(None, scr)[0]
+
+
+def test_probing_accuracy_interval_over_test_documents():
+    ci = uncertainty.accuracy_ci([(0.8, 100), (0.6, 50)])
+    assert ci["mean"] == pytest.approx(0.7) and ci["ci_low"] < 0.7 < ci["ci_high"]
+    wide, narrow = uncertainty.accuracy_ci([(0.8, 20)]), uncertainty.accuracy_ci([(0.8, 2000)])
+    assert wide["ci_high"] - wide["ci_low"] > 4 * (narrow["ci_high"] - narrow["ci_low"])  # fewer documents, more noise
