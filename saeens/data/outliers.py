@@ -1,17 +1,18 @@
 """Massive-activation rows: the policy that flags them and the readers that skip them.
 
-A few rows (the first token of a context that starts mid-document acts
-as an attention sink) have norms two orders of magnitude above the rest: measured on SmolLM2-135M
-layer 12, up to ~23,000 against a median of ~170, 0.05% of the rows carrying 75% of the variance.
-Left in, they dominate every mean-squared metric and pull training towards reconstructing them.
+A few rows (the first token of a context that starts mid-document acts as an attention sink) have
+norms two orders of magnitude above the rest: measured on SmolLM2-135M, blocks.15.hook_resid_post,
+up to ~23,000 against a median of ~170, 0.05% of the rows carrying 75% of the variance. Left in,
+they dominate every mean-squared metric and pull training towards reconstructing them.
+
 Policy: a row whose L2 norm exceeds `outlier_factor` (default 10) times the median norm of its
-split is flagged; the flag is a keep-mask beside the rows (keep_*.npy, written by `write_masks`
-when the cache writer closes, or later by cache.flag_outliers), so the row <-> text layout and resumable writing stay as they are, and
-meta.json["outliers"] records the factor, each split's median norm, threshold and flagged count.
-Training draws batches from kept rows only, metrics and feature statistics skip flagged rows
-(`kept_view`). A cache written before this policy has no masks and reads as all rows kept (a
-reader never writes into a cache that other runs may be using); `flag_outliers(path)` adds them in
-one pass over the shards.
+split is flagged. The flag is a keep-mask beside the rows (keep_*.npy, written by `write_masks` when
+the cache writer closes, or later by cache.flag_outliers), so the row <-> text layout and resumable
+writing stay as they are; meta.json["outliers"] records the factor and each split's median norm,
+threshold and flagged count. Training draws batches from kept rows only, metrics and feature
+statistics skip flagged rows (`kept_view`). A cache written before this policy has no masks and
+reads as all rows kept (a reader never writes into a cache that other runs may be using);
+`flag_outliers(path)` adds them in one pass over the shards.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import numpy as np
 from saeens.errors import SaeensError
 from saeens.io.files import atomic_save_npy
 
-SPLITS = ("train", "test")
 # Flag rows above this multiple of their split's median norm. Measured (SmolLM2-135M layer 15, the
 # experiments' cache): every other row stays within 1.8x the median, the attention-sink rows lie at
 # 19x-135x, so 10 separates them with room on either side.
@@ -49,10 +49,8 @@ def write_masks(out: Path, shards: list[dict[str, Any]], factor: float) -> dict[
     check_factor(factor)
     norms = [_shard_norms(out, s) for s in shards]
     record: dict[str, Any] = {"factor": float(factor), "rule": "norm > factor x the split's median norm", "splits": {}}
-    for split in SPLITS:
+    for split in dict.fromkeys(s["split"] for s in shards):
         mine = [i for i, s in enumerate(shards) if s["split"] == split]
-        if not mine:
-            continue
         median = float(np.median(np.concatenate([norms[i] for i in mine])))
         threshold = factor * median
         flagged = 0
