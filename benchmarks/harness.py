@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saeens import kernels
+from saeens import auxk
 from saeens.config import SAEConfig, TrainConfig
 from saeens.optim import make_optimizer
 from saeens.train import bagging
@@ -107,8 +107,8 @@ def enc_flops(s: Sizes) -> float:
 def model_flops(s: Sizes, kernel: str, n_dead: int = 0) -> float:
     if kernel == "dense":
         return 18.0 * s.batch * s.d * s.m
-    blocks = -(-n_dead // kernels.AUX_BLOCK)
-    return enc_flops(s) + 8.0 * s.batch * s.k * s.d + 10.0 * s.batch * s.d * min(s.m, kernels.AUX_BLOCK) * blocks
+    blocks = -(-n_dead // auxk.AUX_BLOCK)
+    return enc_flops(s) + 8.0 * s.batch * s.k * s.d + 10.0 * s.batch * s.d * min(s.m, auxk.AUX_BLOCK) * blocks
 
 
 def batch_of(s: Sizes, seed: int = 0) -> np.ndarray:

@@ -20,12 +20,7 @@ backward pass scales them) and no [B*k, d] intermediate exists beyond one block.
 entries vary per token: a first scan over chunks of entries reconstructs, a second scatters the
 gradients.
 
-AuxK (Gao et al.): the top-k_aux DEAD latents of each token reconstruct the residual. Dead latents
-are compacted to the front (`dead_idx`) and processed in blocks of `aux_block` columns inside a
-`lax.while_loop` whose trip count is ceil(n_dead / aux_block): zero work when nothing is dead, and
-small dense [B, aux_block] products otherwise. When more than k_aux latents are dead, the per-token
-k_aux-th largest dead pre-activation (the selection threshold) is found by a blockwise running
-top-k merge. Under `jax.vmap` (bagging) the loops run max-over-members iterations.
+AuxK runs on the dead latents only, in blocks (saeens/auxk.py): zero work when nothing is dead.
 
 Ties: an AuxK selection by threshold keeps every dead latent >= the k_aux-th largest value, and the
 block-pruned top-k may break exact ties differently from `lax.top_k`: both differ from the dense
@@ -42,14 +37,13 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from saeens import precision, topk
+from saeens import auxk, precision, topk
 from saeens.config import SAEConfig
 from saeens.errors import SaeensError
 
 Params = dict[str, jax.Array]
 
 CHUNK = 2048  # entries per scan step (64 tokens x k=32): keeps the gathered rows in cache
-AUX_BLOCK = 256  # dead latents per AuxK block
 LANES = 2  # TopK: independent slices of the batch (one per CPU core this machine class has)
 
 
@@ -60,14 +54,14 @@ class Spec(NamedTuple):
     k_aux: int
     batch: bool  # BatchTopK (True) or per-token TopK
     chunk: int = CHUNK
-    aux_block: int = AUX_BLOCK
+    aux_block: int = auxk.AUX_BLOCK
     select_block: int = topk.SELECT_BLOCK
     compute_dtype: str = "float32"  # the encoder product and the selection ("bfloat16" on accelerators)
     lanes: int = LANES
 
 
 def spec_of(
-    cfg: SAEConfig, chunk: int = CHUNK, aux_block: int = AUX_BLOCK, select_block: int = topk.SELECT_BLOCK
+    cfg: SAEConfig, chunk: int = CHUNK, aux_block: int = auxk.AUX_BLOCK, select_block: int = topk.SELECT_BLOCK
 ) -> Spec:
     if cfg.arch not in ("topk", "batchtopk"):
         raise ValueError(f"the sparse kernel covers topk and batchtopk, not {cfg.arch!r}: use kernel='dense'")
@@ -196,90 +190,6 @@ def _entries_pass(v_N, rows_N, lat_N, xc_BD, W_dec_MD, chunk: int, grads: bool):
     return err_BD, _Grads(dWd, dWeT, dv_CE.reshape(-1)[:n])
 
 
-# --------------------------------------------------------------------------- AuxK on dead blocks
-
-
-class _Dead(NamedTuple):
-    idx: jax.Array  # [M_pad] dead latents first (ascending), then padding
-    n: jax.Array  # number of dead latents
-    n_blocks: jax.Array  # ceil(n / block)
-
-
-def _dead_blocks(dead_M: jax.Array, block: int) -> _Dead:
-    M = dead_M.shape[0]
-    blk = min(block, M)
-    m_pad = -(-M // blk) * blk
-    idx = jnp.nonzero(dead_M, size=m_pad, fill_value=0)[0].astype(jnp.int32)
-    n = jnp.sum(dead_M.astype(jnp.int32))
-    return _Dead(idx, n, (n + blk - 1) // blk)
-
-
-def _block(dead: _Dead, j, blk: int):
-    lat_C = jax.lax.dynamic_slice_in_dim(dead.idx, j * blk, blk)
-    valid_C = j * blk + jnp.arange(blk) < dead.n
-    return lat_C, valid_C
-
-
-def _block_pre(xc_BD, W_enc_DM, b_enc_M, lat_C, valid_C):
-    W_DC = W_enc_DM.at[:, lat_C].get(mode="promise_in_bounds")
-    pre_BC = xc_BD @ W_DC + b_enc_M[lat_C]
-    return jnp.where(valid_C, pre_BC, -jnp.inf)
-
-
-def _aux_threshold(xc_BD, W_enc_DM, b_enc_M, dead: _Dead, k_aux: int, blk: int):
-    """Per token, the k_aux-th largest dead pre-activation (-inf when at most k_aux are dead)."""
-    B = xc_BD.shape[0]
-    kk = min(k_aux, dead.idx.shape[0])
-    run0 = jnp.full((B, kk), -jnp.inf, xc_BD.dtype)
-    trips = jnp.where(dead.n > k_aux, dead.n_blocks, 0)
-
-    def body(state):
-        j, run_BK = state
-        lat_C, valid_C = _block(dead, j, blk)
-        cand = jnp.concatenate([run_BK, _block_pre(xc_BD, W_enc_DM, b_enc_M, lat_C, valid_C)], axis=1)
-        return j + 1, jax.lax.top_k(cand, kk)[0]
-
-    _, run_BK = jax.lax.while_loop(lambda s: s[0] < trips, body, (jnp.int32(0), run0))
-    return run_BK[:, -1]
-
-
-def _aux_codes(pre_BC, thr_B):
-    sel_BC = pre_BC >= thr_B[:, None]
-    return jnp.where(sel_BC & (pre_BC > 0), pre_BC, 0)
-
-
-def _aux_forward(xc_BD, W_enc_DM, b_enc_M, W_dec_MD, dead: _Dead, thr_B, blk):
-    """err_hat = sum over the selected dead latents of code * W_dec row: [B, D]."""
-
-    def body(state):
-        j, acc_BD = state
-        lat_C, valid_C = _block(dead, j, blk)
-        codes_BC = _aux_codes(_block_pre(xc_BD, W_enc_DM, b_enc_M, lat_C, valid_C), thr_B)
-        return j + 1, acc_BD + codes_BC @ W_dec_MD.at[lat_C].get(mode="promise_in_bounds")
-
-    _, out = jax.lax.while_loop(lambda s: s[0] < dead.n_blocks, body, (jnp.int32(0), jnp.zeros_like(xc_BD)))
-    return out
-
-
-def _aux_backward(xc_BD, W_enc_DM, b_enc_M, W_dec_MD, dead: _Dead, thr_B, g_eh_BD, blk, acc):
-    """Adds AuxK's gradients into (dW_dec [M, D], dW_enc^T [M, D], db_enc [M])."""
-
-    def body(state):
-        j, (dWd, dWeT, dbe) = state
-        lat_C, valid_C = _block(dead, j, blk)
-        pre_BC = _block_pre(xc_BD, W_enc_DM, b_enc_M, lat_C, valid_C)
-        codes_BC = _aux_codes(pre_BC, thr_B)
-        W_CD = W_dec_MD.at[lat_C].get(mode="promise_in_bounds")
-        dpre_BC = jnp.where(codes_BC > 0, g_eh_BD @ W_CD.T, 0)
-        dWd = dWd.at[lat_C].add(codes_BC.T @ g_eh_BD, mode="promise_in_bounds")
-        dWeT = dWeT.at[lat_C].add(dpre_BC.T @ xc_BD, mode="promise_in_bounds")
-        dbe = dbe.at[lat_C].add(dpre_BC.sum(0), mode="promise_in_bounds")
-        return j + 1, (dWd, dWeT, dbe)
-
-    _, acc = jax.lax.while_loop(lambda s: s[0] < dead.n_blocks, body, (jnp.int32(0), acc))
-    return acc
-
-
 # --------------------------------------------------------------------------- the custom_vjp
 
 
@@ -297,13 +207,13 @@ def _forward(spec: Spec, W_enc, b_enc, W_dec, b_dec, x_BD, dead_M, grads: bool):
         rows_N = jnp.repeat(jnp.arange(B, dtype=jnp.int32), spec.k)
     mse = jnp.sum(err_BD**2) / B
     blk = min(spec.aux_block, M)
-    dead = _dead_blocks(dead_M, blk)
-    thr_B = _aux_threshold(xc_BD, W_enc, b_enc, dead, spec.k_aux, blk)
-    err_hat_BD = _aux_forward(xc_BD, W_enc, b_enc, W_dec, dead, thr_B, blk)
+    dead = auxk.dead_blocks(dead_M, blk)
+    thr_B = auxk.threshold(xc_BD, W_enc, b_enc, dead, spec.k_aux, blk)
+    err_hat_BD = auxk.forward(xc_BD, W_enc, b_enc, W_dec, dead, thr_B, blk)
     total_var = jnp.float32(B)  # AuxK on the main loss's scale: mean over tokens (sae.auxk_loss)
     diff_BD = err_hat_BD - err_BD  # the target err is a constant (stop_gradient in sae.auxk_loss)
-    auxk = jnp.where(dead.n > 0, jnp.sum(diff_BD**2) / total_var, 0.0)
-    out = (mse, auxk, jax.nn.relu(v_N), rows_N, lat_N)
+    auxk_loss = jnp.where(dead.n > 0, jnp.sum(diff_BD**2) / total_var, 0.0)
+    out = (mse, auxk_loss, jax.nn.relu(v_N), rows_N, lat_N)
     if not grads:
         return out, None
     dbe_M = jnp.zeros((M,), W_dec.dtype).at[lat_N].add(main.dv_N, mode="promise_in_bounds")
@@ -338,7 +248,7 @@ def _core_bwd(spec, res, cts):
     acc = (g_mse * dWd, g_mse * dWeT, g_mse * dbe)
     g_eh_BD = jnp.where(dead.n > 0, 2.0 * g_aux / total_var, 0.0) * diff_BD
     blk = min(spec.aux_block, W_dec.shape[0])
-    dWd, dWeT, dbe = _aux_backward(xc_BD, W_enc, b_enc, W_dec, dead, thr_B, g_eh_BD, blk, acc)
+    dWd, dWeT, dbe = auxk.backward(xc_BD, W_enc, b_enc, W_dec, dead, thr_B, g_eh_BD, blk, acc)
     db_dec = g_mse * sum_g_D - W_enc @ dbe  # d pre / d b_dec = -W_enc^T, summed over tokens
     return dWeT.T, dbe, dWd, db_dec, None, None
 
@@ -361,10 +271,10 @@ def sparse_loss(
     """
     spec = spec_of(cfg) if spec is None else spec
     B, M = x_BD.shape[0], params["W_dec"].shape[0]
-    mse, auxk, a_N, rows_N, lat_N = _core(
+    mse, auxk_loss, a_N, rows_N, lat_N = _core(
         spec, params["W_enc"], params["b_enc"], params["W_dec"], params["b_dec"], x_BD, dead_M
     )
-    sparsity = cfg.aux_coeff * auxk
+    sparsity = cfg.aux_coeff * auxk_loss
     a_ng = jax.lax.stop_gradient(a_N)
     on_N = a_ng > 0
     aux = {
