@@ -39,7 +39,7 @@ from saeens.train.prefetch import Prefetch
 from saeens.train.step import TrainState
 
 DIR = runs.RESIDUAL
-CHUNK_ROWS = 4096  # rows per compiled pass (the last chunk is padded): one program for every chunk
+CHUNK_ROWS = 2048  # rows per compiled pass (the last chunk is padded): one program for every chunk
 
 
 class ResidualSource:
