@@ -50,7 +50,7 @@ def default_out() -> Path:
 def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), progress: bool = True) -> dict[str, Any]:
     from saeens.data.build import build_cache, held_out_contexts
     from saeens.data.cache import ActivationCache
-    from saeens.evals.spliced import spliced_losses
+    from saeens.evals.spliced import outlier_threshold, spliced_losses
     from saeens.evals.intrinsic import evaluate_ensemble
     from saeens.tables import format_table
     from saeens.io.files import atomic_write_text
@@ -94,7 +94,7 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), progress: bool = T
         ens = fit(run_dir, run, acts, progress=progress)
         seconds = time.perf_counter() - t
         row = {"method": method, "J": J, **evaluate_ensemble(ens, acts, "test")}
-        row.update(spliced_losses(model, ens, hook, contexts, progress=progress))
+        row.update(spliced_losses(model, ens, hook, contexts, progress=progress, clean_above=outlier_threshold(acts.meta)))
         row["train_seconds"] = seconds
         rows.append(row)
         runs[method] = run_dir
