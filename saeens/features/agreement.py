@@ -14,8 +14,6 @@ cosine of their decoder rows is at least `COSINE_THRESHOLD` (0.7, the diversity 
 
 from __future__ import annotations
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,26 +22,8 @@ from saeens import ensemble
 from saeens.config import SAEConfig
 from saeens.ensemble import Ensemble
 from saeens.errors import SaeensError
-from saeens.metrics import COSINE_THRESHOLD, normalize_rows
+from saeens.metrics import COSINE_THRESHOLD, best_match
 from saeens.sae import Params
-
-
-@partial(jax.jit, static_argnames=("block_size",))
-def best_match(A_FD: jax.Array, B_GD: jax.Array, block_size: int = 2048) -> tuple[jax.Array, jax.Array]:
-    """For each row of A: (index of the row of B with the largest cosine, that cosine), in row
-    blocks of A so memory stays block_size x G."""
-    A_FD, B_GD = normalize_rows(A_FD), normalize_rows(B_GD)
-    F, D = A_FD.shape
-    bs = min(block_size, F)
-    n_blocks = -(-F // bs)
-    A_NbD = jnp.pad(A_FD, ((0, n_blocks * bs - F), (0, 0))).reshape(n_blocks, bs, D)
-
-    def one_block(A_bD):
-        cos_bG = A_bD @ B_GD.T
-        return jnp.argmax(cos_bG, axis=-1).astype(jnp.int32), jnp.max(cos_bG, axis=-1)
-
-    idx_NB, cos_NB = jax.lax.map(one_block, A_NbD)
-    return idx_NB.reshape(-1)[:F], cos_NB.reshape(-1)[:F]
 
 
 def encoder_rows(ens: Ensemble) -> jax.Array:

@@ -25,6 +25,7 @@ from saeens.metrics.batch import (
 )
 from saeens.metrics.dictionary import (
     COSINE_THRESHOLD,
+    best_match,
     cosine_matrix,
     diversity,
     diversity_fraction,
@@ -57,6 +58,7 @@ __all__ = [
     "explained_variance",
     "explained_variance_per_token",
     "explained_variance_pooled",
+    "best_match",
     "finalize",
     "firing",
     "firing_rate",

@@ -26,13 +26,14 @@ def normalize_rows(W_FD: jax.Array) -> jax.Array:
 
 
 @partial(jax.jit, static_argnames=("exclude_self", "block_size"))
-def max_cosine(
+def best_match(
     A_FD: jax.Array, B_GD: jax.Array, exclude_self: bool = False, block_size: int = 4096
-) -> jax.Array:
-    """For each row of A, its largest cosine to any row of B [F], computed in blocks of A's rows.
+) -> tuple[jax.Array, jax.Array]:
+    """For each row of A: (index of the row of B with the largest cosine [F] int32, that cosine [F]),
+    computed in blocks of A's rows, so memory is block_size x G, never F x G.
 
     exclude_self (A and B the same dictionary): skip only the diagonal, so an exact duplicate of
-    a feature still counts. Memory is block_size x G, never F x G.
+    a feature still counts.
     """
     A_FD, B_GD = normalize_rows(A_FD), normalize_rows(B_GD)
     F, D = A_FD.shape
@@ -46,9 +47,17 @@ def max_cosine(
         if exclude_self:
             rows_b1 = (i * bs + jnp.arange(bs))[:, None]
             cos_bG = jnp.where(rows_b1 == jnp.arange(B_GD.shape[0])[None, :], -jnp.inf, cos_bG)
-        return jnp.max(cos_bG, axis=-1)
+        return jnp.argmax(cos_bG, axis=-1).astype(jnp.int32), jnp.max(cos_bG, axis=-1)
 
-    return jax.lax.map(one_block, (jnp.arange(n_blocks), A_NbD)).reshape(-1)[:F]
+    idx_NB, cos_NB = jax.lax.map(one_block, (jnp.arange(n_blocks), A_NbD))
+    return idx_NB.reshape(-1)[:F], cos_NB.reshape(-1)[:F]
+
+
+def max_cosine(
+    A_FD: jax.Array, B_GD: jax.Array, exclude_self: bool = False, block_size: int = 4096
+) -> jax.Array:
+    """For each row of A, its largest cosine to any row of B [F] (`best_match`'s cosine)."""
+    return best_match(A_FD, B_GD, exclude_self, block_size)[1]
 
 
 def diversity(W_dec_FD: jax.Array, threshold: float = COSINE_THRESHOLD, block_size: int = 4096) -> jax.Array:
