@@ -246,3 +246,22 @@ def test_features_command(tmp_path, acts, capsys):
     assert "not empty" in capsys.readouterr().err and (other / "keep.txt").read_text() == "mine"
     assert main([*argv[:7], str(tmp_path / "t5"), *argv[8:], "--consensus-t", "5"]) == 2
     assert "--consensus-t" in capsys.readouterr().err
+
+
+def test_selection_puts_non_dense_features_first_and_fills_with_dense_ones():
+    """A dashboard of n features: non-dense ones (<= 10% of tokens) by consensus then frequency;
+    dense ones only fill up when fewer than n others fire; silent features never show."""
+    from saeens.features.analysis import select_features
+
+    frequency_F = np.array([0.5, 0.05, 0.0, 0.08, 0.3, 0.05])
+    consensus_F = np.array([4, 1, 4, 1, 2, 3])
+    np.testing.assert_array_equal(select_features(frequency_F, consensus_F, 3), [5, 3, 1])
+    np.testing.assert_array_equal(select_features(frequency_F, consensus_F, 10), [5, 3, 1, 0, 4])
+    np.testing.assert_array_equal(select_features(np.array([0.6, 0.7]), np.array([1, 2]), 5), [1, 0])
+
+
+def test_logit_effects_of_no_features_are_empty_tables(tiny_model):
+    from saeens.features.logits import logit_effects
+
+    out = logit_effects(tiny_model, np.zeros((0, tiny_model.cfg.d_model), np.float32), k=3)
+    assert {name: a.shape for name, a in out.items()} == {n: (0, 3) for n in ("promoted_ids", "promoted", "suppressed_ids", "suppressed")}

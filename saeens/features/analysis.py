@@ -37,13 +37,15 @@ class FeaturesConfig:
 
 
 def select_features(frequency_F: np.ndarray, consensus_F: np.ndarray, n: int | None) -> np.ndarray:
-    """The features a dashboard shows: all of them (n None), else n of those that fire on at most
-    10% of tokens (dense features are rarely interpretable): the ones most members found first
-    (descending consensus count), then the most frequently firing (ties: lower index first)."""
+    """The features a dashboard shows: all of them (n None), else n firing features, those that fire
+    on at most 10% of tokens first (dense features are rarely interpretable; they follow only when
+    fewer than n others fire), each group ordered by descending consensus count, then by descending
+    frequency (ties: lower index first)."""
     if n is None:
         return np.arange(frequency_F.shape[0])
-    ok = np.flatnonzero((frequency_F > 0) & (frequency_F <= metrics.DENSE_THRESHOLD))
-    return ok[np.lexsort((-frequency_F[ok], -consensus_F[ok]))][:n]
+    fired = np.flatnonzero(frequency_F > 0)
+    dense = frequency_F[fired] > metrics.DENSE_THRESHOLD
+    return fired[np.lexsort((-frequency_F[fired], -consensus_F[fired], dense))][:n]
 
 
 def _trimmed_hist(counts_K: np.ndarray) -> dict[str, Any]:

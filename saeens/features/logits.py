@@ -28,4 +28,6 @@ def logit_effects(model: Any, W_dec_FD: jax.Array, k: int = 10, batch: int = 256
         down, down_ids = jax.lax.top_k(-logits_bV, k)
         for name, arr in (("promoted", up), ("promoted_ids", up_ids), ("suppressed", -down), ("suppressed_ids", down_ids)):
             parts[name].append(np.asarray(arr))
+    if not parts["promoted"]:  # no rows selected: empty [0, k] tables
+        return {name: np.zeros((0, k), np.int32 if name.endswith("_ids") else np.float32) for name in parts}
     return {name: np.concatenate(p) for name, p in parts.items()}
