@@ -1,8 +1,10 @@
 """python -m benchmarks [--quick] [--json OUT]: every case, readable tables, optional JSON.
 
 Single-SAE steps (dense and sparse TopK/BatchTopK, with and without dead latents), the bagging
-J-ratio, memory per member, and our sparse TopK step side by side with EleutherAI sparsify's
-(benchmarks/peer.py; skipped with a line when sparsify is not installed). Defaults d=576, m=4608,
+J-ratio, memory per member, our sparse TopK step side by side with EleutherAI sparsify's
+(benchmarks/peer.py; skipped with a line when sparsify is not installed), then the input pipeline's
+host time per step vs step time and boosting vs bagging J = 8 end to end through `saeens train`
+(benchmarks/pipeline.py). Defaults d=576, m=4608,
 k=32, batch 4096 (minutes on a 2-core CPU; --quick is a smoke run). Rates use the minimum time.
 """
 
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import jax
 
+from benchmarks import pipeline
 from benchmarks.harness import QUICK, Sizes, bagging_case, loadavg, matmul_time, single_case
 from benchmarks.peer import side_by_side
 
@@ -69,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bagging-kernels", default="sparse", help="kernels for the bagging table (dense: minutes)")
     ap.add_argument("--no-peer", action="store_true", help="skip the side-by-side with sparsify")
     ap.add_argument("--dead", type=int, default=None, help="dead latents at the start of the AuxK case (default m/20)")
+    ap.add_argument("--pipeline-epochs", default="1,4", help="budgets of the boosting-vs-bagging runs, in passes "
+                    "over the cache ('' skips benchmarks/pipeline.py)")
     args = ap.parse_args(argv)
+    pipeline_epochs = pipeline.parse_epochs(args.pipeline_epochs) if args.pipeline_epochs else ()
 
     base = QUICK if args.quick else Sizes()
     s = Sizes(**{f: (getattr(args, f) if getattr(args, f) is not None else getattr(base, f))
@@ -90,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         "cases": [],
         "bagging": [],
         "sparsify": [],
+        "pipeline": None,
     }
     t_start = time.time()
     print(f"sizes {s}, load {loadavg()}", flush=True)
@@ -116,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {row['case']:<22} ours {row['ours']['min_s'] * 1e3:7.1f} ms  sparsify {row['sparsify']['min_s'] * 1e3:7.1f} ms"
               f"  speedup {row['speedup_over_sparsify']:.2f}x (CPU time {row['speedup_over_sparsify_cpu_time']:.2f}x)"
               f"  load {row['loadavg_before'][0]}", flush=True)
+    if pipeline_epochs:
+        report["pipeline"] = pipeline.run(pipeline.QUICK if args.quick else pipeline.PipelineSizes(), pipeline_epochs)
     report["machine"]["loadavg_end"] = loadavg()
     report["wall_s"] = time.time() - t_start
     print()
@@ -123,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     if report["sparsify"]:
         print()
         print(_fmt_peer(report["sparsify"]))
+    if report["pipeline"]:
+        print()
+        print(pipeline.format_report(report["pipeline"]))
     print("\nenc-bound: fraction of the encoder-matmul bound (1.0 = the step costs one [B,d]x[d,m] matmul); "
           "x matmul: model FLOP/s over the matmul FLOP/s measured right before the case; "
           "vmap/seq: member-tokens/s of one compiled bagging step over J single steps in sequence; "

@@ -1,11 +1,12 @@
-"""python -m benchmarks.pipeline [--quick]: the input pipeline and boosting's cost, end to end.
+"""python -m benchmarks.pipeline [--quick] [--epochs 1,4]: the input pipeline and boosting's cost, end to end.
 
 1. host vs step: per step, the host's share (read batch `step` from an activation cache, check it,
    put it on the device) against the jitted step alone, and `fit` tokens/s with the prefetch on
    (batches read ahead on a thread) and off (read in the step's turn).
 2. boosting vs bagging: `saeens train` through the CLI (a fresh process: data loading, checks,
    logging, checkpoints, each stage's residual pass) for bagging J and boosting J on the same
-   cache and token budget per member; member-tokens/s = J * tokens / wall seconds.
+   cache and token budget per member, at each budget of --epochs; member-tokens/s = J * tokens /
+   wall seconds. `python -m benchmarks` runs this too.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from benchmarks.harness import loadavg
 from saeens import train
@@ -38,7 +38,7 @@ class PipelineSizes:
     k: int = 32
     batch: int = 2048
     rows: int = 65536  # training rows in the cache
-    epochs: float = 1.0  # tokens per member (boosting: per stage) in passes over the cache
+    epochs: float = 1.0  # passes over the cache per member / boosting stage (run() sets it per budget)
     members: int = 8
 
 
@@ -96,14 +96,18 @@ def train_cli(s: PipelineSizes, cache: Path, out: Path, method: str) -> dict:
             "loadavg_before": load, "command": " ".join(cmd[1:])}
 
 
-def run(s: PipelineSizes) -> dict:
+def run(s: PipelineSizes, epochs: tuple[float, ...] = (1.0, 4.0)) -> dict:
+    """host vs step, then bagging and boosting through the CLI at each budget (passes over the
+    cache per member / stage: each boosting stage after the first adds one residual pass)."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         cache = _cache(s, tmp / "acts")
-        report = {"sizes": dataclasses.asdict(s), "host_vs_step": host_vs_step(s, cache, tmp / "fits")}
-        rows = [train_cli(s, cache.path, tmp / method, method) for method in ("bagging", "boosting")]
-        report["train_cli"] = rows
-        report["boosting_over_bagging"] = rows[1]["member_tokens_per_s"] / rows[0]["member_tokens_per_s"]
+        report = {"sizes": dataclasses.asdict(s), "host_vs_step": host_vs_step(s, cache, tmp / "fits"), "train_cli": []}
+        for e in epochs:
+            se = dataclasses.replace(s, epochs=e)
+            rows = [train_cli(se, cache.path, tmp / f"{method}-{e}", method) for method in ("bagging", "boosting")]
+            report["train_cli"].append({"epochs": e, "rows": rows,
+                                        "boosting_over_bagging": rows[1]["member_tokens_per_s"] / rows[0]["member_tokens_per_s"]})
     return report
 
 
@@ -113,25 +117,35 @@ def format_report(r: dict) -> str:
              f"host per step {1e3 * h['host_s_per_step']:.1f} ms (read + check + device_put), step {1e3 * h['step_s']:.1f} ms "
              f"(host/step {h['host_over_step']:.2f}); fit {h['fit_tokens_per_s_prefetch_off']:.0f} tok/s prefetch off, "
              f"{h['fit_tokens_per_s_prefetch_on']:.0f} tok/s prefetch on"]
-    for row in r["train_cli"]:
-        lines.append(f"saeens train --method {row['method']:<8} J={row['J']}: {row['wall_s']:.1f} s wall, "
-                     f"{row['member_tokens_per_s']:.0f} member-tok/s end to end ({row['member_tokens_per_s_loop']:.0f} "
-                     f"in the loop), load {row['loadavg_before'][0]:.1f}")
-    lines.append(f"boosting / bagging member-tokens/s end to end: {r['boosting_over_bagging']:.2f}")
+    for budget in r["train_cli"]:
+        for row in budget["rows"]:
+            lines.append(f"{budget['epochs']:g} epoch(s): saeens train --method {row['method']:<8} J={row['J']}: "
+                         f"{row['wall_s']:.1f} s wall, {row['member_tokens_per_s']:.0f} member-tok/s end to end "
+                         f"({row['member_tokens_per_s_loop']:.0f} in the loop), load {row['loadavg_before'][0]:.1f}")
+        lines.append(f"{budget['epochs']:g} epoch(s): boosting / bagging member-tokens/s end to end: "
+                     f"{budget['boosting_over_bagging']:.2f}")
     return "\n".join(lines)
+
+
+def parse_epochs(text: str) -> tuple[float, ...]:
+    try:
+        epochs = tuple(float(e) for e in text.split(",") if e)
+    except ValueError:
+        raise SystemExit(f"--epochs {text!r}: give numbers separated by commas, e.g. 1,4") from None
+    if not epochs or min(epochs) <= 0:
+        raise SystemExit(f"--epochs {text!r}: give positive numbers separated by commas, e.g. 1,4")
+    return epochs
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.pipeline", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     ap.add_argument("--json", type=Path, help="write the measurements to this JSON file")
-    ap.add_argument("--epochs", type=float, help="tokens per member (boosting: per stage) in passes over the cache "
-                    "(each boosting stage after the first makes one residual pass, so more epochs amortise it)")
+    ap.add_argument("--epochs", default="1,4", help="budgets, comma separated: tokens per member (boosting: per stage) "
+                    "in passes over the cache (each boosting stage after the first makes one residual pass, so more "
+                    "epochs amortise it)")
     args = ap.parse_args(argv)
-    sizes = QUICK if args.quick else PipelineSizes()
-    if args.epochs is not None:
-        sizes = dataclasses.replace(sizes, epochs=args.epochs)
-    report = run(sizes)
+    report = run(QUICK if args.quick else PipelineSizes(), parse_epochs(args.epochs))
     print(format_report(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

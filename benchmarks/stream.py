@@ -16,7 +16,6 @@ the resident memory (RssAnon) after the first and the last training step of the 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path

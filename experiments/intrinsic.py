@@ -22,7 +22,7 @@ from experiments.budgets import train_with_budgets
 from saeens import ensemble, metrics
 
 NAME = "intrinsic"
-METRICS = ("mse", "explained_variance", "explained_variance_per_token", "fvu", "l0", "relative_reconstruction_bias",
+METRICS = ("mse", "explained_variance", "explained_variance_pooled", "explained_variance_per_token", "fvu", "l0", "relative_reconstruction_bias",
            "dead_fraction", "dense_fraction", "diversity", "diversity_fraction", "connectivity", "delta_lm_loss",
            "loss_recovered", "ce_loss_spliced", "train_seconds", "train_flops")
 
@@ -139,7 +139,7 @@ def setting(scale: common.Scale, acts) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    from saeens.tables import format_table
+    from saeens.tables import ev_drivers_line, format_table
 
     s = result["setting"]
     sc = s["scale"]
@@ -154,7 +154,8 @@ def markdown(result: dict[str, Any]) -> str:
     table = []
     for r in result["rows"]:
         t = {"arch": r["arch"], "method": r["method"], "features": r["n_features"]}
-        for m in ("explained_variance", "explained_variance_per_token", "mse", "l0", "relative_reconstruction_bias",
+        for m in ("explained_variance", "explained_variance_pooled", "explained_variance_per_token", "mse", "l0",
+                  "relative_reconstruction_bias",
                   "dead_fraction", "diversity", "connectivity", "delta_lm_loss", "loss_recovered"):
             t[m] = r[m]["mean"]
         t["stability"] = common.fmt_ci(r["stability"], r["stability_ci_low"], r["stability_ci_high"]) \
@@ -165,6 +166,14 @@ def markdown(result: dict[str, Any]) -> str:
         t["train_TFLOP"] = r["train_flops"]["mean"] / 1e12
         table.append(t)
     lines.append(format_table(table))
+    lines += ["", "## What drives the per-dimension explained variance", "",
+              "explained_variance averages 1 - SSE_d / SST_d over the dimensions, so a dimension with a sliver of "
+              "the variance weighs as much as any other; explained_variance_pooled is 1 - sum SSE / sum SST. Per row, "
+              "seed 0's three dimensions that pull the average down most (saeens.metrics.ev_drivers):", ""]
+    for r in result["rows"]:
+        first = result["runs"][f"{r['arch']}/{r['method']}"][0]
+        if first.get("ev_drivers"):
+            lines.append(f"- {r['arch']} {r['method']}: {ev_drivers_line(first)}")
     return "\n".join(lines)
 
 

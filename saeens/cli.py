@@ -17,8 +17,8 @@ from typing import Any
 
 from saeens import __version__
 from saeens.demo import DemoConfig
-from saeens.evals.spliced import SplicedConfig
 from saeens.errors import SaeensError
+from saeens.config import SplicedConfig
 from saeens.train_flags import add_held_out_args, add_train_args, train_config
 
 TRUE_FEATURES = "true_features.npy"  # the known dictionary beside a saeens synthetic cache
@@ -145,7 +145,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     from saeens.data.cache import ActivationCache
     from saeens.evals.intrinsic import evaluate_run, evaluate_sweep, is_sweep
-    from saeens.tables import print_table
+    from saeens.tables import ev_drivers_line, print_table
 
     sweep = is_sweep(args.run)  # its members are separate SAEs: one row (and JSON entry) each
     if sweep and args.model:
@@ -166,6 +166,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if truth is not None and truth.is_file():  # a saeens synthetic cache: how many of the known features the dictionary found
         result["feature_recovery"] = _feature_recovery(args.run, truth)
     print_table([{"run": args.run, **result}])
+    print(ev_drivers_line(result))
     _write_json(args.json_out, result)
 
 

@@ -204,3 +204,10 @@ def _build(typ: type, values: dict[str, Any], section: str) -> Any:
         raise SaeensError(f"config section {section!r} is incomplete ({e}): add the missing key") from None
 
 
+@dataclasses.dataclass(frozen=True)
+class SplicedConfig:
+    """How much held-out text `evals.spliced.spliced_metrics` measures; the contexts' length and
+    split are the cache's. Here, not in evals/spliced.py, so the CLI's flags need no JAX."""
+
+    n_contexts: int = 64
+    batch_size: int = 8

@@ -259,6 +259,14 @@ _core.defvjp(_core_fwd, _core_bwd, symbolic_zeros=True)
 # --------------------------------------------------------------------------- public API
 
 
+def topk_residual(params: Params, cfg: SAEConfig, x_BD: jax.Array) -> jax.Array:
+    """x minus a TopK SAE's reconstruction, forward only: the encoder product, the block-pruned
+    top-k and a gather decode (B*k*d FLOPs, not a dense decoder's B*m*d). Boosting's residual
+    passes run it once per row and stage."""
+    xc_BD = x_BD - params["b_dec"]
+    return _rows_lanes(spec_of(cfg), xc_BD, params["W_enc"], params["b_enc"], params["W_dec"], grads=False)[2]
+
+
 def sparse_loss(
     params: Params, cfg: SAEConfig, x_BD: jax.Array, dead_M: jax.Array, spec: Spec | None = None
 ) -> tuple[jax.Array, dict[str, Any]]:

@@ -6,8 +6,9 @@ from typing import Any
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """A markdown table of rows; columns are the union of their keys, in first-seen order."""
-    keys = list(dict.fromkeys(k for r in rows for k in r))
+    """A markdown table of rows; columns are the union of their keys, in first-seen order. Nested
+    values (lists, dicts: e.g. ev_drivers) are not cells; they stay in the JSON."""
+    keys = list(dict.fromkeys(k for r in rows for k, v in r.items() if not isinstance(v, (list, tuple, dict))))
 
     def fmt(v: Any) -> str:
         if isinstance(v, float):
@@ -22,3 +23,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     print(format_table(rows))
+
+
+def ev_drivers_line(result: dict[str, Any], n: int = 3) -> str:
+    """One line under an evaluation table: the per-dimension EV, the pooled one, and the dimensions
+    that pull the first down (metrics.ev_drivers), so a negative mean is explained, not shown bare."""
+    dims = ", ".join(f"dim {d['dim']} (EV {d['explained_variance']:.3g}, {100 * d['variance_share']:.2g}% of the "
+                     f"variance, {100 * d['shortfall_share']:.0f}% of the shortfall)" for d in result["ev_drivers"][:n])
+    return (f"explained variance {result['explained_variance']:.4g} per dimension, "
+            f"{result['explained_variance_pooled']:.4g} pooled; lowest: {dims}")

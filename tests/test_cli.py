@@ -45,7 +45,9 @@ def test_train_evaluate_export_stability(acts, run, tmp_path, capsys):
                 "dead_fraction", "dense_fraction", "diversity", "connectivity"]:
         assert key in result and np.isfinite(result[key]), key
     assert result["method"] == "bagging" and result["n_features"] == 32
-    assert "explained_variance" in capsys.readouterr().out  # the table
+    printed = capsys.readouterr().out
+    assert "explained_variance" in printed and "ev_drivers" not in printed  # the table; nested values stay in the JSON
+    assert "pooled; lowest: dim " in printed and len(result["ev_drivers"]) == 5
     assert main(["export", str(run), "--out", str(tmp_path / "export")]) == 0
     assert (tmp_path / "export" / "manifest.json").is_file()
     run2 = tmp_path / "run2"
@@ -345,3 +347,13 @@ def test_the_command_silences_transformers_torch_advice(tmp_path):
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert r.stdout.strip().splitlines()[-1] == "1", r.stderr
+
+
+def test_the_parser_loads_no_jax():
+    """`saeens --help` and argument errors answer at once: building the parser imports neither JAX nor Flax."""
+    import subprocess
+    import sys
+
+    code = "import sys; import saeens.cli as c; c.build_parser(); print(sorted(m for m in ('jax', 'flax') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

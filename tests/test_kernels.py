@@ -232,3 +232,20 @@ def test_training_steps_match_dense(arch, method):
     for name, leaf in dense.params.items():
         np.testing.assert_allclose(sparse.params[name], leaf, rtol=1e-4, atol=1e-5, err_msg=f"{arch} {method} {name}")
     np.testing.assert_array_equal(sparse.since_fired, dense.since_fired)
+
+
+@pytest.mark.parametrize("B_", [1, 37, 300])
+def test_topk_residual_is_the_input_minus_the_reconstruction(B_):
+    """Boosting's residual passes: the sparse forward equals x - sae.forward (a NumPy TopK too)."""
+    cfg = SAEConfig(d_in=24, width=160, k=5, arch="topk")
+    params = sae.init(jax.random.key(3), cfg, jnp.full((24,), 0.3))
+    x = jax.random.normal(jax.random.key(4), (B_, 24)) * 2.0
+    got = np.asarray(kernels.topk_residual(params, cfg, x))
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    pre = (np.asarray(x, np.float64) - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+    keep = np.argsort(-pre, axis=1)[:, :5]
+    codes = np.zeros_like(pre)
+    np.put_along_axis(codes, keep, np.maximum(np.take_along_axis(pre, keep, 1), 0), 1)
+    want = np.asarray(x, np.float64) - (codes @ p["W_dec"] + p["b_dec"])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got, np.asarray(x - sae.forward(params, cfg, x)[0]), rtol=1e-5, atol=1e-5)

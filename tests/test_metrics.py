@@ -290,12 +290,12 @@ def test_streaming_equals_one_shot_on_an_ensemble():
     sizes = [350, 350]
     out = metrics.evaluate_stream(fwd, _chunks(x, sizes), J * M)
     assert set(out) == {
-        "mse", "explained_variance", "explained_variance_per_token", "fvu", "l0",
-        "relative_reconstruction_bias", "dead_fraction", "dense_fraction", "connectivity", "n_tokens",
+        "mse", "explained_variance", "explained_variance_pooled", "explained_variance_per_token", "fvu", "l0",
+        "relative_reconstruction_bias", "dead_fraction", "dense_fraction", "connectivity", "n_tokens", "ev_drivers",
     }
     assert out["n_tokens"] == 700
     one_shot = {**recon_metrics(x, x_hat), **sparsity_metrics(codes)}
-    for k in set(out) - {"n_tokens", "explained_variance_per_token"}:
+    for k in set(out) - {"n_tokens", "explained_variance_per_token", "explained_variance_pooled", "ev_drivers"}:
         assert out[k] == pytest.approx(float(one_shot[k]), rel=1e-4, abs=1e-6), k
     assert out["dead_fraction"] >= 4 / (J * M) and out["dense_fraction"] >= 2 / (J * M)
     assert 0 < out["connectivity"] < 1
@@ -325,6 +325,30 @@ def test_streaming_is_accurate_with_a_large_offset():
     assert out["mse"] == pytest.approx(ref_mse(x, x_hat), rel=1e-4)
     assert out["relative_reconstruction_bias"] == pytest.approx(ref_gamma(x, x_hat), rel=1e-5)
     assert out["l0"] == pytest.approx(float((codes != 0).sum(1).mean()), rel=1e-6)
+
+
+def test_ev_drivers_name_the_low_variance_dimension_that_makes_the_mean_negative():
+    """One dimension with 0.01% of the variance, reconstructed badly, drives a negative per-dimension
+    EV; the pooled EV stays high and ev_drivers names that dimension first, against NumPy."""
+    rng = np.random.default_rng(3)
+    N, D, F = 4200, 12, 48
+    x = rng.standard_normal((N, D)).astype(np.float32) * 10
+    x[:, 5] *= 0.01
+    x_hat = x + rng.standard_normal((N, D)).astype(np.float32)
+    stats = metrics.init_stats(D, F)
+    for i in range(0, N, 350):
+        stats = metrics.update_stats_jit(stats, x[i : i + 350], x_hat[i : i + 350], np.zeros((350, F), np.float32))
+    out = metrics.finalize(stats)
+    x64, e64 = np.float64(x), np.float64(x - x_hat)
+    sse, sst = (e64**2).sum(0), ((x64 - x64.mean(0)) ** 2).sum(0)
+    assert out["explained_variance"] == pytest.approx(1 - np.mean(sse / sst), abs=1e-4) and out["explained_variance"] < 0
+    assert out["explained_variance_pooled"] == pytest.approx(1 - sse.sum() / sst.sum(), abs=1e-5) and out["explained_variance_pooled"] > 0.95
+    order = np.argsort(-(sse / sst))
+    assert [d["dim"] for d in out["ev_drivers"]] == list(order[:5]) and out["ev_drivers"][0]["dim"] == 5
+    top = out["ev_drivers"][0]
+    assert top["explained_variance"] == pytest.approx(1 - sse[5] / sst[5], rel=1e-4)
+    assert top["variance_share"] == pytest.approx(sst[5] / sst.sum(), rel=1e-4) and top["variance_share"] < 1e-4
+    assert top["shortfall_share"] == pytest.approx((sse[5] / sst[5]) / (sse / sst).sum(), rel=1e-4) and top["shortfall_share"] > 0.9
 
 
 def test_evaluate_stream_rejects_bad_input():
@@ -403,6 +427,7 @@ def test_saeens_evaluate_matches_a_numpy_recomputation(tmp_path):
     W_dec_FD = np.concatenate([p["W_dec"][0], p["W_dec"][1]])
     want = {"mse": ref_mse(x, x_hat), "explained_variance": ref_ev_per_dim(x, x_hat),
             "explained_variance_per_token": ref_ev_per_token(x, x_hat), "fvu": 1 - ref_ev_per_dim(x, x_hat),
+            "explained_variance_pooled": 1 - ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum(),
             "relative_reconstruction_bias": ref_gamma(x, x_hat), **ref_sparsity(codes),
             "diversity": ref_diversity(W_dec_FD), "n_features": 24, "n_tokens": 500}
     assert abs(want["explained_variance"] - want["explained_variance_per_token"]) > 0.05  # the two EVs differ here

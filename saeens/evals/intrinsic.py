@@ -40,6 +40,7 @@ class IntrinsicConfig:
 class IntrinsicResult:
     mse: float
     explained_variance: float
+    explained_variance_pooled: float
     explained_variance_per_token: float
     fvu: float
     l0: float
@@ -51,6 +52,7 @@ class IntrinsicResult:
     diversity: int
     diversity_fraction: float
     n_features: int
+    ev_drivers: list[dict[str, float]] = dataclasses.field(default_factory=list)  # metrics.ev_drivers
     connectivity_tokens: int | None = None  # set when connectivity came from a sample
 
     def to_dict(self) -> dict[str, Any]:

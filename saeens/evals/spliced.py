@@ -11,7 +11,6 @@ rows training and metrics skip) keeps its clean activation too.
 
 from __future__ import annotations
 
-import dataclasses
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,16 +21,9 @@ import numpy as np
 from flax import nnx
 
 from saeens import ensemble
+from saeens.config import SplicedConfig
 from saeens.ensemble import Ensemble
 from saeens.errors import SaeensError
-
-
-@dataclasses.dataclass(frozen=True)
-class SplicedConfig:
-    """How much held-out text `spliced_metrics` measures; the contexts' length and split are the cache's."""
-
-    n_contexts: int = 64
-    batch_size: int = 8
 
 
 def _keep_bos(fn, clean_above: jax.Array):

@@ -127,6 +127,7 @@ def _finalize_arrays(stats: Stats, dense_threshold: float) -> dict[str, jax.Arra
     return {
         "mse": jnp.sum(s["sse_D"]) / n,
         "explained_variance": ev,
+        "explained_variance_pooled": 1.0 - jnp.sum(s["sse_D"]) / jnp.sum(stats.m2_D),
         "explained_variance_per_token": s["ev_tok"] / n,
         "fvu": 1.0 - ev,
         "l0": s["l0"] / n,
@@ -139,11 +140,28 @@ def _finalize_arrays(stats: Stats, dense_threshold: float) -> dict[str, jax.Arra
 
 def finalize(stats: Stats, dense_threshold: float = DENSE_THRESHOLD) -> dict[str, float]:
     """The metrics over every token seen: mse, explained_variance (paper's, per-dimension),
-    explained_variance_per_token (SAELens', chunk-centred), fvu, l0, relative_reconstruction_bias,
-    dead_fraction, dense_fraction, connectivity (NaN without co-firing), n_tokens."""
+    explained_variance_pooled (1 - sum SSE / sum SST: variance-weighted), explained_variance_per_token
+    (SAELens', chunk-centred), fvu, l0, relative_reconstruction_bias, dead_fraction, dense_fraction,
+    connectivity (NaN without co-firing), n_tokens, and ev_drivers (the dimensions that pull the
+    per-dimension EV down, with their variance shares)."""
     result = {k: float(v) for k, v in _finalize_arrays(stats, dense_threshold).items()}
     result["n_tokens"] = int(stats.n_tokens)
+    result["ev_drivers"] = ev_drivers(np.asarray(stats.sums["sse_D"]), np.asarray(stats.m2_D))
     return result
+
+
+def ev_drivers(sse_D: np.ndarray, sst_D: np.ndarray, n: int = 5) -> list[dict[str, float]]:
+    """The n dimensions that pull the per-dimension explained variance down most: each one's EV,
+    its share of the total variance and its share of the shortfall sum_d SSE_d/SST_d. A negative
+    mean EV driven by a few low-variance dimensions shows here as large shortfall shares at tiny
+    variance shares (compare explained_variance_pooled, 1 - sum SSE / sum SST)."""
+    varies = np.flatnonzero(sst_D > 0)
+    ratio = np.asarray(sse_D, np.float64)[varies] / np.asarray(sst_D, np.float64)[varies]
+    worst = np.argsort(-ratio, kind="stable")[:n]
+    total_sst, total_ratio = float(np.sum(sst_D, dtype=np.float64)), float(ratio.sum())
+    return [{"dim": int(varies[i]), "explained_variance": float(1.0 - ratio[i]),
+             "variance_share": float(sst_D[varies[i]]) / total_sst,
+             "shortfall_share": float(ratio[i]) / total_ratio if total_ratio > 0 else 0.0} for i in worst]
 
 
 update_stats_jit = jax.jit(update_stats, donate_argnums=0)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from saeens import ensemble, sae
+from saeens import ensemble, kernels, sae
 from saeens.config import SAEConfig, TrainConfig
 from saeens.ensemble import Ensemble
 from saeens.train.step import TrainState, advance, input_scale
@@ -29,21 +29,30 @@ from saeens.train.step import TrainState, advance, input_scale
 
 def stage_state(state: TrainState, j: jax.Array) -> TrainState:
     """Stage j's own single-SAE train state (the shared scale and step as they are)."""
-    params, opt_state = jax.tree.map(lambda a: a[j], (state.params, state.opt_state))
-    return TrainState(params, opt_state, state.since_fired[j], state.scale, state.step)
+    params, opt_state, since = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, j, keepdims=False),
+                                            (state.params, state.opt_state, state.since_fired))
+    return TrainState(params, opt_state, since, state.scale, state.step)
 
 
 def with_stage(state: TrainState, j: jax.Array, sub: TrainState) -> TrainState:
-    """state with stage j replaced by sub (and sub's step)."""
-    params, opt_state = jax.tree.map(lambda a, b: a.at[j].set(b), (state.params, state.opt_state),
-                                     (sub.params, sub.opt_state))
-    return TrainState(params, opt_state, state.since_fired.at[j].set(sub.since_fired), state.scale, sub.step)
+    """state with stage j replaced by sub (and sub's step). A dynamic-update-slice, not a scatter:
+    XLA writes it in place into the donated stack, where a scatter's bounds check rewrote every stage."""
+    params, opt_state, since = jax.tree.map(lambda a, b: jax.lax.dynamic_update_index_in_dim(a, b, j, 0),
+                                            (state.params, state.opt_state, state.since_fired),
+                                            (sub.params, sub.opt_state, sub.since_fired))
+    return TrainState(params, opt_state, since, state.scale, sub.step)
 
 
 def residual_before(params_J: sae.Params, cfg: SAEConfig, x_BD: jax.Array, stage: jax.Array) -> jax.Array:
-    """x minus the reconstructions of stages 0..stage-1, each applied to its own residual."""
+    """x minus the reconstructions of stages 0..stage-1, each applied to its own residual (the
+    chain of `ensemble.stage_scan` without its codes: TopK's links are sparse)."""
+
+    def link(r_BD, inputs):
+        p, active = inputs
+        return jax.lax.cond(active, lambda: stage_residual(p, cfg, r_BD), lambda: r_BD), None
+
     active_J = jnp.arange(params_J["W_dec"].shape[0]) < stage
-    return jax.lax.stop_gradient(ensemble.stage_scan(params_J, cfg, x_BD, active_J)[1])
+    return jax.lax.stop_gradient(jax.lax.scan(link, x_BD, (params_J, active_J))[0])
 
 
 def init_stages(
@@ -65,7 +74,10 @@ def start_stage(state: TrainState, sample_ND: jax.Array, cfg: SAEConfig, steps_p
 
 
 def stage_residual(params: sae.Params, cfg: SAEConfig, r_BD: jax.Array) -> jax.Array:
-    """The residual one stage leaves of its input r (one link of `ensemble.stage_scan`'s chain)."""
+    """The residual one stage leaves of its input r (one link of `ensemble.stage_scan`'s chain);
+    TopK's through the sparse forward (BatchTopK infers by threshold: dense)."""
+    if cfg.arch == "topk":
+        return kernels.topk_residual(params, cfg, r_BD)
     return r_BD - sae.forward(params, cfg, r_BD)[0]
 
 
@@ -87,7 +99,10 @@ def make_boosting_step(
     def boosting_step(state: TrainState, x_BD: jax.Array, key: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
         del key  # the contract's key; the losses are deterministic
         j = state.step // steps_per_stage
-        sub, metrics = advance(stage_state(state, j), stage_input(state, x_BD, j), cfg, opt)
+        # the barrier materialises stage j's slices, so nothing after reads the stacks and the
+        # write-back is in place (without it XLA copies each stacked Adam moment every step)
+        sub = jax.lax.optimization_barrier(stage_state(state, j))
+        sub, metrics = advance(sub, stage_input(state, x_BD, j), cfg, opt)
         return with_stage(state, j, sub), {**metrics, "stage": j}
 
     return boosting_step

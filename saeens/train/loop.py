@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saeens import runs, sharding
+from saeens import allocator, runs, sharding
 from saeens.config import RunConfig, TrainConfig
 from saeens.data.source import Activations, BatchSource, RowSource, as_source
 from saeens.ensemble import Ensemble
@@ -67,6 +67,7 @@ def fit(
     prefetch: batches read, checked and put on the device ahead of the step (0: in the step's turn).
     """
     run_dir = Path(run_dir)
+    allocator.keep_freed_memory()  # a step's large buffers reuse heap memory (saeens/allocator.py)
     source = as_source(data)
     sample = jnp.asarray(source.init_sample(run.train.geometric_median_samples, run.train.seed))
     if sample.shape[-1] != run.sae.d_in:

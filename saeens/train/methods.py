@@ -7,7 +7,8 @@
                       cache)                      saeens/train/boosting.py, residual.py
   sweep               jit(bagging's member map of a step whose lr and coefficients are the
                       member's data)              saeens/train/sweep.py
-Each method's step is jitted HERE, once (a config compiles one step program, whatever the stage).
+Each method's init and step are jitted HERE, once (a config compiles one step program, whatever
+the stage; an op-by-op init of J members cost ~1 s of dispatches).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class Method:
 def single_method(cfg: SAEConfig, tcfg: TrainConfig) -> Method:
     opt = make_optimizer(tcfg)
     return Method(
-        init=lambda key, sample: init_state(key, cfg, tcfg, sample, opt),
+        init=jax.jit(lambda key, sample: init_state(key, cfg, tcfg, sample, opt)),
         step=jax.jit(make_step(cfg, opt), donate_argnums=0),
         n_steps=tcfg.n_steps,
         to_ensemble=lambda s: ensemble.single(cfg, sae.fold_scale(s.params, cfg, s.scale)),
@@ -56,7 +57,7 @@ def single_method(cfg: SAEConfig, tcfg: TrainConfig) -> Method:
 def bagging_method(cfg: SAEConfig, tcfg: TrainConfig, members: int) -> Method:
     opt = make_optimizer(tcfg)
     return Method(
-        init=lambda key, sample: bagging.init_members(key, cfg, tcfg, sample, members, opt),
+        init=jax.jit(lambda key, sample: bagging.init_members(key, cfg, tcfg, sample, members, opt)),
         step=jax.jit(bagging.make_bagging_step(cfg, opt), donate_argnums=0),
         n_steps=tcfg.n_steps,
         to_ensemble=lambda s: bagging.final_ensemble(cfg, s),
@@ -73,7 +74,7 @@ def boosting_method(cfg: SAEConfig, tcfg: TrainConfig, stages: int, residual_cac
             return residual.stage_source(run_dir, source, state, cfg, tcfg, stage, stages)
 
     return Method(
-        init=lambda key, sample: boosting.init_stages(key, cfg, tcfg, sample, stages, opt),
+        init=jax.jit(lambda key, sample: boosting.init_stages(key, cfg, tcfg, sample, stages, opt)),
         step=jax.jit(boosting.make_boosting_step(cfg, opt, S, residual_given=residual_cache), donate_argnums=0),
         n_steps=stages * S,
         to_ensemble=lambda s: boosting.final_ensemble(cfg, s),
@@ -86,7 +87,7 @@ def boosting_method(cfg: SAEConfig, tcfg: TrainConfig, stages: int, residual_cac
 def sweep_method(cfg: SAEConfig, tcfg: TrainConfig, grid: SweepConfig) -> Method:
     settings = grid.settings(cfg, tcfg)
     return Method(
-        init=lambda key, sample: sweep.init_sweep(key, cfg, tcfg, sample, settings),
+        init=jax.jit(lambda key, sample: sweep.init_sweep(key, cfg, tcfg, sample, settings)),
         step=jax.jit(sweep.make_sweep_step(cfg, tcfg), donate_argnums=0),
         n_steps=tcfg.n_steps,
         to_ensemble=lambda s: bagging.final_ensemble(cfg, s),

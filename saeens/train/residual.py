@@ -162,12 +162,19 @@ def _build(
 
     def write(f) -> None:
         np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (len(rows_U), base.d_in)})
+        def flush(c: int, r: jax.Array) -> None:
+            f.write(np.asarray(r, "<f4")[: min(CHUNK_ROWS, len(rows_U) - c * CHUNK_ROWS)].tobytes())
+
+        pending = None
         with Prefetch(read, range(n_chunks)) as chunks:
             for c in range(n_chunks):
                 r = chunks.get(c)
                 for p in stage_params:
                     r = link(p, r)
-                n = min(CHUNK_ROWS, len(rows_U) - c * CHUNK_ROWS)
-                f.write(np.asarray(r, "<f4")[:n].tobytes())
+                if pending is not None:  # chunk c is dispatched before chunk c-1 is waited for
+                    flush(*pending)
+                pending = (c, r)
+        if pending is not None:
+            flush(*pending)
 
     atomic_write(_data(d, stage), write, mode="wb")
