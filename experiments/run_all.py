@@ -1,5 +1,5 @@
-"""Every experiment in order, resumably: cache -> sparsity probe -> convergence -> table 1 -> J sweep ->
-Pareto -> probing -> SCR -> report.
+"""Every experiment in order, resumably: cache -> sparsity probe -> the data policy at the old budget ->
+convergence -> table 1 -> J sweep -> Pareto -> probing -> SCR -> report.
 
     python -m experiments.run_all --scale full        # the study (see README for the budget)
     python -m experiments.run_all --scale gpu         # the same at >= 30M tokens per SAE, one GPU
@@ -19,11 +19,12 @@ from __future__ import annotations
 import json
 import time
 
-from experiments import (common, concept_detection, convergence, effect_of_j, intrinsic, pareto, report,
+from experiments import (common, concept_detection, convergence, data_policy, effect_of_j, intrinsic, pareto, report,
                          sparsity_probe, spurious_removal)
 from experiments import estimate as planned
 
-STEPS = (("sparsity_probe", sparsity_probe.main), ("convergence", convergence.main), ("intrinsic", intrinsic.main),
+STEPS = (("sparsity_probe", sparsity_probe.main), ("data_policy", data_policy.main), ("convergence", convergence.main),
+         ("intrinsic", intrinsic.main),
          ("effect_of_j", effect_of_j.main),
          ("pareto", pareto.main), ("concept_detection", concept_detection.main),
          ("spurious_removal", spurious_removal.main), ("report", report.main))
@@ -45,7 +46,9 @@ def estimate(scale: common.Scale, d_in: int = 576) -> dict[str, dict[str, float]
         + fl("topk", "bagging", cp.ensemble_members, 0, tokens=cp.ensemble_tokens)
         + sum(fl("topk", "boosting", cp.ensemble_members, 0, tokens=t) for t in cp.points if t <= cp.boosting_max))
     probe = len(sparsity_probe.GRID) * fl("relu", "single", 1, 0)
-    return {"sparsity_probe": {"dense": probe}, "convergence": {"topk": conv}, "intrinsic": {"topk": t1, "dense": dense},
+    policy = {a: 2 * len(data_policy.SEEDS) * sum(fl(a, m, scale.members, 0, tokens=data_policy.budget(scale, a))
+                                                  for m in ("single", "expanded")) for a in ("topk", "relu")}
+    return {"sparsity_probe": {"dense": probe}, "data_policy": {"topk": policy["topk"], "dense": policy["relu"]}, "convergence": {"topk": conv}, "intrinsic": {"topk": t1, "dense": dense},
             "pareto": {"topk": pa}}
 
 

@@ -90,7 +90,7 @@ def test_estimate_prints_planned_hours_from_measured_throughput(work, capsys):
     rates = estimate.measure(scale, d_in=16, steps=1)
     assert set(rates) == {"topk", "dense"} and all(r > 0 for r in rates.values())
     parts = run_all.estimate(scale, d_in=16)
-    assert set(parts) == {"sparsity_probe", "convergence", "intrinsic", "pareto"}
+    assert set(parts) == {"sparsity_probe", "data_policy", "convergence", "intrinsic", "pareto"}
     planned = estimate.plan(parts, rates)
     want = sum(t * 1e12 / rates[k] for kinds in parts.values() for k, t in kinds.items()) / 3600
     assert planned["total_hours"] == pytest.approx(want, abs=0.01)
