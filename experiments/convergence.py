@@ -27,7 +27,8 @@ from experiments.budgets import evals_dir, train_with_budgets
 from saeens import metrics
 
 NAME = "convergence"
-CURVE_METRICS = ("fvu", "fvu_per_token", "mse", "delta_lm_loss", "dead_fraction", "stability", "stability_over_chance")
+SEED_METRICS = ("fvu", "fvu_pooled", "fvu_per_token", "mse", "delta_lm_loss", "dead_fraction")  # per run, mean over seeds
+CURVE_METRICS = (*SEED_METRICS, "stability", "stability_over_chance")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +67,8 @@ def _evaluate(scale, acts, spliced: common.Spliced, keep: Path):
 
         m = {**common.intrinsic_metrics(ens, acts, scale), **spliced.fast(ens)}
         atomic_save_npy(keep / f"decoder-{steps}.npy", np.asarray(ensemble.decoder(ens), np.float32))
-        return {**m, "fvu_per_token": 1.0 - m["explained_variance_per_token"]}
+        return {**m, "fvu_per_token": 1.0 - m["explained_variance_per_token"],
+                "fvu_pooled": 1.0 - m["explained_variance_pooled"]}
 
     return evaluate
 
@@ -104,7 +106,7 @@ def summarize(per_seed: list[list[dict[str, Any]]], dirs: list) -> dict[str, Any
         recs = [r[i] for r in per_seed]
         out["steps"].append(recs[0]["steps"])
         out["tokens"].append(recs[0]["tokens"])
-        for m in CURVE_METRICS[:5]:
+        for m in SEED_METRICS:
             ci = metrics.mean_ci([r[m] for r in recs])
             for key in ("mean", "ci_low", "ci_high"):
                 out[m][key].append(ci[key])
@@ -117,6 +119,7 @@ def summarize(per_seed: list[list[dict[str, Any]]], dirs: list) -> dict[str, Any
             out[m]["ci_low"].append(float("nan"))  # two seeds: one pair, no interval
             out[m]["ci_high"].append(float("nan"))
         out.setdefault("stability_chance", []).append(chance)
+        out.setdefault("ev_drivers_seed0", []).append(recs[0].get("ev_drivers", []))
     return out
 
 
@@ -145,19 +148,23 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True, ensemb
 
 
 def markdown(result: dict[str, Any]) -> str:
-    from saeens.tables import format_table
+    from saeens.tables import ev_drivers_line, format_table
 
     lines = [f"# Convergence: TopK k = {result['k']} at {result['hook']}", "",
              f"Two seeds per method, evaluated on the held-out tokens at log-spaced budgets of the same runs "
              f"(batch {result['batch_size']}, lr {result['lr']}, dead_tokens {result['dead_tokens']} fixed). "
              f"The study trains {result['study_tokens']} tokens per SAE. fvu = 1 - per-dimension EV, "
-             "fvu_per_token = 1 - per-token EV; stability between the two seeds, beside its chance level "
-             "(random unit vectors of the same counts).", "",
+             "fvu_pooled = sum SSE / sum SST (variance-weighted), fvu_per_token = 1 - per-token EV; stability "
+             "between the two seeds, beside its chance level (random unit vectors of the same counts).", "",
              f"Regenerate: `python -m experiments.convergence --scale {result['scale']}`", ""]
     for name, c in result["curves"].items():
         rows = [{"steps": s, "tokens": t, **{m: c[m]["mean"][i] for m in CURVE_METRICS},
                  "chance": c["stability_chance"][i]} for i, (s, t) in enumerate(zip(c["steps"], c["tokens"]))]
         lines += [f"## {name}", "", format_table(rows), ""]
+        if c.get("ev_drivers_seed0") and c["ev_drivers_seed0"][-1]:
+            last = {"explained_variance": 1.0 - c["fvu"]["mean"][-1], "explained_variance_pooled": 1.0 - c["fvu_pooled"]["mean"][-1],
+                    "ev_drivers": c["ev_drivers_seed0"][-1]}
+            lines += [f"At {c['tokens'][-1]} tokens (EVs: mean over seeds; dimensions: seed 0): {ev_drivers_line(last)}", ""]
     return "\n".join(lines)
 
 

@@ -2,9 +2,10 @@
 
 All J stages live stacked on a leading axis in ONE train state. The stage being trained is data
 (`state.step // steps_per_stage`), not a Python constant, so one compiled step serves every stage:
-the residual of the earlier stages is `ensemble.stage_scan` with only the stages l < j active
-(inference runs the same scan with all of them), and the single-SAE `advance` trains stage j on
-it and is written back in place. Each stage gets the full token budget; its b_dec starts at the
+the residual of the earlier stages is a scan of `stage_residual` links with only the stages l < j
+active (inference's `ensemble.stage_scan` is the same chain with codes; TopK's links here are the
+sparse forward of saeens/kernels.py), and the single-SAE `advance` trains stage j on it and is
+written back into the stack. Each stage gets the full token budget; its b_dec starts at the
 geometric median of ITS residual, and its AuxK loss targets its residual (the stage's own input),
 unlike the public code's quirks.
 
@@ -35,8 +36,9 @@ def stage_state(state: TrainState, j: jax.Array) -> TrainState:
 
 
 def with_stage(state: TrainState, j: jax.Array, sub: TrainState) -> TrainState:
-    """state with stage j replaced by sub (and sub's step). A dynamic-update-slice, not a scatter:
-    XLA writes it in place into the donated stack, where a scatter's bounds check rewrote every stage."""
+    """state with stage j replaced by sub (and sub's step), as a dynamic-update-slice into the
+    donated stacks (XLA still copies the stacked Adam moments around it: saeens/allocator.py keeps
+    those copies from costing page faults every step)."""
     params, opt_state, since = jax.tree.map(lambda a, b: jax.lax.dynamic_update_index_in_dim(a, b, j, 0),
                                             (state.params, state.opt_state, state.since_fired),
                                             (sub.params, sub.opt_state, sub.since_fired))
@@ -99,10 +101,7 @@ def make_boosting_step(
     def boosting_step(state: TrainState, x_BD: jax.Array, key: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
         del key  # the contract's key; the losses are deterministic
         j = state.step // steps_per_stage
-        # the barrier materialises stage j's slices, so nothing after reads the stacks and the
-        # write-back is in place (without it XLA copies each stacked Adam moment every step)
-        sub = jax.lax.optimization_barrier(stage_state(state, j))
-        sub, metrics = advance(sub, stage_input(state, x_BD, j), cfg, opt)
+        sub, metrics = advance(stage_state(state, j), stage_input(state, x_BD, j), cfg, opt)
         return with_stage(state, j, sub), {**metrics, "stage": j}
 
     return boosting_step
