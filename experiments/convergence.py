@@ -130,20 +130,23 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True, ensemb
     acts = common.get_cache(scale, progress)
     spliced = common.Spliced(scale, scale.sweep_spliced_contexts)
     below = lambda T: tuple(p for p in plan.points if p <= T)  # noqa: E731
-    curves = {"single": curve(scale, acts, spliced, "single", 1, plan.single_tokens, below(plan.single_tokens), progress),
-              "expanded": curve(scale, acts, spliced, "expanded", scale.members, plan.expanded_tokens,
-                                below(plan.expanded_tokens), progress)}
+    J = plan.ensemble_members
+    parts = [("single", lambda: curve(scale, acts, spliced, "single", 1, plan.single_tokens, below(plan.single_tokens), progress)),
+             ("expanded", lambda: curve(scale, acts, spliced, "expanded", scale.members, plan.expanded_tokens,
+                                        below(plan.expanded_tokens), progress))]
     if ensembles:
-        J = plan.ensemble_members
-        curves[f"bagging J={J}"] = curve(scale, acts, spliced, "bagging", J, plan.ensemble_tokens,
-                                         below(plan.ensemble_tokens), progress)
-        curves[f"boosting J={J}"] = boosting_curve(scale, acts, spliced, J, below(plan.boosting_max), progress)
+        parts += [(f"bagging J={J}", lambda: curve(scale, acts, spliced, "bagging", J, plan.ensemble_tokens,
+                                                   below(plan.ensemble_tokens), progress)),
+                  (f"boosting J={J}", lambda: boosting_curve(scale, acts, spliced, J, below(plan.boosting_max), progress))]
     result = {"scale": scale.name, "hook": common.hook(), "plan": dataclasses.asdict(plan), "seeds": list(SEEDS),
               "width": scale.width, "k": scale.k, "expanded_width": scale.members * scale.width,
               "batch_size": scale.batch_size, "lr": scale.lr, "dead_tokens": scale.dead_tokens,
-              "study_tokens": scale.train_tokens, "curves": curves}
-    common.write_result(scale, NAME, result, markdown(result))
-    plot(result, common.results_dir(scale) / f"{NAME}.png")
+              "study_tokens": scale.train_tokens, "curves": {}, "complete": False}
+    for i, (name, compute) in enumerate(parts):  # each finished curve is written (and can be committed) at once
+        result["curves"][name] = compute()
+        result["complete"] = i == len(parts) - 1
+        common.write_result(scale, NAME, result, markdown(result))
+        plot(result, common.results_dir(scale) / f"{NAME}.png")
     return result
 
 
@@ -157,6 +160,9 @@ def markdown(result: dict[str, Any]) -> str:
              "fvu_pooled = sum SSE / sum SST (variance-weighted), fvu_per_token = 1 - per-token EV; stability "
              "between the two seeds, beside its chance level (random unit vectors of the same counts).", "",
              f"Regenerate: `python -m experiments.convergence --scale {result['scale']}`", ""]
+    if not result.get("complete", True):
+        lines += [f"Partial: the curves that have finished so far ({', '.join(result['curves'])}); the run "
+                  "resumes with the same command.", ""]
     for name, c in result["curves"].items():
         rows = [{"steps": s, "tokens": t, **{m: c[m]["mean"][i] for m in CURVE_METRICS},
                  "chance": c["stability_chance"][i]} for i, (s, t) in enumerate(zip(c["steps"], c["tokens"]))]

@@ -122,3 +122,35 @@ def test_probing_accuracy_interval_over_test_documents():
     assert ci["mean"] == pytest.approx(0.7) and ci["ci_low"] < 0.7 < ci["ci_high"]
     wide, narrow = uncertainty.accuracy_ci([(0.8, 20)]), uncertainty.accuracy_ci([(0.8, 2000)])
     assert wide["ci_high"] - wide["ci_low"] > 4 * (narrow["ci_high"] - narrow["ci_low"])  # fewer documents, more noise
+
+
+def test_convergence_writes_each_finished_curve_and_a_rerun_finishes_it(work, monkeypatch):
+    """A session that ends mid-study leaves the curves finished so far, marked incomplete; the same
+    command then finishes the result instead of skipping it."""
+    from experiments import convergence
+
+    fake = lambda: {"steps": [4], "tokens": [256], "stability_chance": [0.1], "ev_drivers_seed0": [[]],  # noqa: E731
+                    **{m: {"mean": [0.5], "ci_low": [0.4], "ci_high": [0.6]} for m in convergence.CURVE_METRICS}}
+    calls = []
+
+    def curve(scale, acts, spliced, method, *args):
+        calls.append(method)
+        if method == "expanded" and calls.count("expanded") == 1:
+            raise KeyboardInterrupt  # the session ends while the expanded SAE trains
+        return fake()
+
+    monkeypatch.setattr(common, "get_cache", lambda scale, progress=True: None)
+    monkeypatch.setattr(common, "Spliced", lambda scale, n: None)
+    monkeypatch.setattr(common, "hook", lambda: "toy")
+    monkeypatch.setattr(convergence, "curve", curve)
+    scale = common.SCALES["tiny"]
+    with pytest.raises(KeyboardInterrupt):
+        convergence.main(scale, progress=False, ensembles=False)
+    path = common.results_dir(scale) / "convergence.json"
+    partial = json.loads(path.read_text())
+    assert list(partial["curves"]) == ["single"] and partial["complete"] is False
+    assert "Partial: the curves that have finished so far (single)" in path.with_suffix(".md").read_text()
+    assert not common.result_done(scale, "convergence", force=False)
+    done = convergence.main(scale, progress=False, ensembles=False)
+    assert list(done["curves"]) == ["single", "expanded"] and done["complete"] is True
+    assert json.loads(path.read_text())["complete"] is True and common.result_done(scale, "convergence", force=False)

@@ -37,7 +37,7 @@ def test_gpu_scale_command_path_at_toy_size(toy_gpu, tmp_path, capsys):
     single = conv["curves"]["single"]
     assert single["tokens"] == [512, 1024, 2048] and single["steps"] == [4, 8, 16]
     assert all(0 < c < 1 for c in single["stability_chance"]) and len(single["stability"]["mean"]) == 3
-    assert conv["curves"]["boosting J=2"]["tokens"] == [512]
+    assert conv["curves"]["boosting J=2"]["tokens"] == [512] and conv["complete"] is True
     assert (results / "convergence.png").is_file()
     t1 = json.loads((results / "intrinsic.json").read_text())
     rows = {r["method"]: r for r in t1["rows"]}
