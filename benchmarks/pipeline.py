@@ -93,7 +93,9 @@ def train_cli(s: PipelineSizes, cache: Path, out: Path, method: str) -> dict:
     member_tokens = s.members * tokens
     return {"method": method, "J": s.members, "tokens_per_member": tokens, "wall_s": wall, "loop_s": loop_s,
             "member_tokens_per_s": member_tokens / wall, "member_tokens_per_s_loop": member_tokens / loop_s,
-            "loadavg_before": load, "command": " ".join(cmd[1:])}
+            "loadavg_before": load,
+            # the temporary directory is this machine's: the record names it TMP
+            "command": " ".join(cmd[1:]).replace(str(out.parent), "TMP")}
 
 
 def run(s: PipelineSizes, epochs: tuple[float, ...] = (1.0, 4.0)) -> dict:

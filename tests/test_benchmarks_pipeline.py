@@ -19,6 +19,7 @@ def test_pipeline_reports_each_budget():
         assert (bag["method"], boost["method"]) == ("bagging", "boosting")
         assert bag["tokens_per_member"] == boost["tokens_per_member"] == int(sizes.rows * budget["epochs"]) // sizes.batch * sizes.batch
         assert budget["boosting_over_bagging"] == pytest.approx(boost["member_tokens_per_s"] / bag["member_tokens_per_s"])
+        assert bag["command"].startswith("-m saeens train --activations TMP/acts --out TMP/bagging-")  # no machine path
     text = pipeline.format_report(r)
     assert "2 epoch(s): boosting / bagging member-tokens/s end to end" in text
 
