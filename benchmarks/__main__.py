@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bagging-kernels", default="sparse", help="kernels for the bagging table (dense: minutes)")
     ap.add_argument("--no-peer", action="store_true", help="skip the side-by-side with sparsify")
     ap.add_argument("--dead", type=int, default=None, help="dead latents at the start of the AuxK case (default m/20)")
-    ap.add_argument("--pipeline-epochs", default="1,4", help="budgets of the boosting-vs-bagging runs, in passes "
+    ap.add_argument("--pipeline-epochs", default=",".join(f"{e:g}" for e in pipeline.EPOCHS), help="budgets of the boosting-vs-bagging runs, in passes "
                     "over the cache ('' skips benchmarks/pipeline.py)")
     args = ap.parse_args(argv)
     pipeline_epochs = pipeline.parse_epochs(args.pipeline_epochs) if args.pipeline_epochs else ()

@@ -42,6 +42,7 @@ class PipelineSizes:
     members: int = 8
 
 
+EPOCHS = (1.0, 4.0)  # the default budgets, in passes over the cache per member / stage
 QUICK = PipelineSizes(d=32, m=128, k=8, batch=256, rows=4096, epochs=1.0, members=4)
 
 
@@ -98,7 +99,7 @@ def train_cli(s: PipelineSizes, cache: Path, out: Path, method: str) -> dict:
             "command": " ".join(cmd[1:]).replace(str(out.parent), "TMP")}
 
 
-def run(s: PipelineSizes, epochs: tuple[float, ...] = (1.0, 4.0)) -> dict:
+def run(s: PipelineSizes, epochs: tuple[float, ...] = EPOCHS) -> dict:
     """host vs step, then bagging and boosting through the CLI at each budget (passes over the
     cache per member / stage: each boosting stage after the first adds one residual pass)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.pipeline", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     ap.add_argument("--json", type=Path, help="write the measurements to this JSON file")
-    ap.add_argument("--epochs", default="1,4", help="budgets, comma separated: tokens per member (boosting: per stage) "
+    ap.add_argument("--epochs", default=",".join(f"{e:g}" for e in EPOCHS), help="budgets, comma separated: tokens per member (boosting: per stage) "
                     "in passes over the cache (each boosting stage after the first makes one residual pass, so more "
                     "epochs amortise it)")
     args = ap.parse_args(argv)

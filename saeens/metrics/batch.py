@@ -25,6 +25,11 @@ def ev_from_sse_sst(sse_D: jax.Array, sst_D: jax.Array) -> jax.Array:
     return 1.0 - jnp.sum(ratio_D) / jnp.sum(varies_D)
 
 
+def pooled_ev_from_sse_sst(sse_D: jax.Array, sst_D: jax.Array) -> jax.Array:
+    """1 - sum_d SSE_d / sum_d SST_d (variance-weighted: dominated by the high-variance dimensions)."""
+    return 1.0 - jnp.sum(sse_D) / jnp.sum(sst_D)
+
+
 def _centred(x_BD: jax.Array) -> jax.Array:
     """x - mean_over_tokens(x), with the mean taken of x - x[0] so a large common offset cancels exactly."""
     y_BD = x_BD - x_BD[:1]
@@ -61,7 +66,7 @@ def explained_variance_per_token(x_BD: jax.Array, x_hat_BD: jax.Array) -> jax.Ar
 def explained_variance_pooled(x_BD: jax.Array, x_hat_BD: jax.Array) -> jax.Array:
     """1 - sum_d SSE_d / sum_d SST_d: sae_lens>=6's "explained_variance" (dominated by high-variance dims)."""
     x_BD = jnp.asarray(x_BD, jnp.float32)
-    return 1.0 - jnp.sum((x_BD - x_hat_BD) ** 2) / jnp.sum(_centred(x_BD) ** 2)
+    return pooled_ev_from_sse_sst(jnp.sum((x_BD - x_hat_BD) ** 2, axis=0), jnp.sum(_centred(x_BD) ** 2, axis=0))
 
 
 def fvu(x_BD: jax.Array, x_hat_BD: jax.Array) -> jax.Array:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saeens.metrics.batch import DENSE_THRESHOLD, ev_from_sse_sst, firing
+from saeens.metrics.batch import DENSE_THRESHOLD, ev_from_sse_sst, firing, pooled_ev_from_sse_sst
 
 _SUM_KEYS = ("sse_D", "xhat_sq", "x_dot_xhat", "ev_tok", "l0")
 
@@ -127,7 +127,7 @@ def _finalize_arrays(stats: Stats, dense_threshold: float) -> dict[str, jax.Arra
     return {
         "mse": jnp.sum(s["sse_D"]) / n,
         "explained_variance": ev,
-        "explained_variance_pooled": 1.0 - jnp.sum(s["sse_D"]) / jnp.sum(stats.m2_D),
+        "explained_variance_pooled": pooled_ev_from_sse_sst(s["sse_D"], stats.m2_D),
         "explained_variance_per_token": s["ev_tok"] / n,
         "fvu": 1.0 - ev,
         "l0": s["l0"] / n,
