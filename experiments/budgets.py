@@ -39,6 +39,21 @@ def evals_dir(scale: common.Scale, name: str) -> Path:
     return d
 
 
+def keep_decoder(keep: Path, ens, steps: int) -> None:
+    """Save the ensemble's decoder at this budget beside its evaluation: stability at a budget needs
+    every run's decoder there, and the runs only hold their latest state."""
+    import numpy as np
+
+    from saeens import ensemble
+    from saeens.io.files import atomic_save_npy
+
+    atomic_save_npy(decoder_path(keep, steps), np.asarray(ensemble.decoder(ens), np.float32))
+
+
+def decoder_path(keep: Path, steps: int) -> Path:
+    return keep / f"decoder-{steps}.npy"
+
+
 def _latest_step(run_dir: Path) -> int:
     from saeens.train import checkpoints
 
@@ -51,9 +66,14 @@ def train_with_budgets(scale: common.Scale, name: str, run: RunConfig, acts, tok
                        evaluate: Callable[[Any, int], dict[str, Any]], progress: bool = True) -> list[dict[str, Any]]:
     """Train `name` to its end, evaluating (evaluate(ensemble, steps) -> metrics) at each budget in `tokens`
     on the way; one record per budget: steps, tokens (steps x batch) and the metrics. A budget that
-    the run has already passed without an evaluation (it was trained before) is left out."""
+    the run has already passed without an evaluation (it was trained before) is left out. Boosting:
+    tokens must be empty, and steps and tokens are those of one stage (its budget)."""
     from saeens.train import fit, load_ensemble
 
+    boosting = run.ensemble.method == "boosting"
+    if boosting and tokens:
+        raise ValueError("boosting's stage length is its budget: train one boosting run per budget, with tokens=()")
+    per = run.ensemble.members if boosting else 1  # fit counts the steps of every stage; a record, those of one
     rd = common.runs_dir(scale) / name
     out_dir = common.results_dir(scale) / "budgets"
     records = []
@@ -63,13 +83,13 @@ def train_with_budgets(scale: common.Scale, name: str, run: RunConfig, acts, tok
             done = _latest_step(rd)
             if (rd / "ensemble.json").is_file() and steps == run.train.n_steps:
                 ens, _ = load_ensemble(rd)
-            elif done > steps:
+            elif done > steps * per:
                 continue  # passed before budgets were asked for: nothing to evaluate at this step
             else:
                 if progress:
-                    print(f"training {name} to step {steps} of {run.train.n_steps}")
+                    print(f"training {name} to step {steps * per} of {run.train.n_steps * per}")
                 info_path = rd.with_name(f"{name}.wall_seconds.json")
-                ens, seconds = common.timed(lambda: fit(rd, run, acts, progress=progress, stop_after=steps - done))
+                ens, seconds = common.timed(lambda: fit(rd, run, acts, progress=progress, stop_after=steps * per - done))
                 common.add_seconds(info_path, seconds)
             common.cached_json(path, lambda: {"steps": steps, "tokens": steps * run.train.batch_size,
                                               **evaluate(ens, steps)})

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from experiments import common
-from experiments.budgets import evals_dir, train_with_budgets
+from experiments.budgets import decoder_path, evals_dir, keep_decoder, train_with_budgets
 from saeens import metrics
 
 NAME = "convergence"
@@ -62,11 +62,8 @@ def _run(scale: common.Scale, d_in: int, method: str, J: int, seed: int, tokens:
 
 def _evaluate(scale, acts, spliced: common.Spliced, keep: Path):
     def evaluate(ens, steps: int) -> dict[str, Any]:
-        from saeens import ensemble
-        from saeens.io.files import atomic_save_npy
-
         m = {**common.intrinsic_metrics(ens, acts, scale), **spliced.fast(ens)}
-        atomic_save_npy(keep / f"decoder-{steps}.npy", np.asarray(ensemble.decoder(ens), np.float32))
+        keep_decoder(keep, ens, steps)
         return {**m, "fvu_per_token": 1.0 - m["explained_variance_per_token"],
                 "fvu_pooled": 1.0 - m["explained_variance_pooled"]}
 
@@ -110,7 +107,7 @@ def summarize(per_seed: list[list[dict[str, Any]]], dirs: list) -> dict[str, Any
             ci = metrics.mean_ci([r[m] for r in recs])
             for key in ("mean", "ci_low", "ci_high"):
                 out[m][key].append(ci[key])
-        decs = [np.load((d if not isinstance(d, list) else d[i]) / f"decoder-{recs[0]['steps']}.npy") for d in dirs]
+        decs = [np.load(decoder_path(d if not isinstance(d, list) else d[i], recs[0]["steps"])) for d in dirs]
         s = metrics.stability(decs)
         chance = metrics.stability_chance([len(W) for W in decs], decs[0].shape[1])["stability"]
         for m, v in (("stability", s), ("stability_over_chance", None)):

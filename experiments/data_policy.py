@@ -26,7 +26,6 @@ from experiments import common
 from saeens import metrics
 
 NAME = "data_policy"
-OLD_TOKENS = {"full": {"topk": 300_000, "relu": 150_000}}  # the first study's budgets (tiny: the scale's own)
 CELLS = ("mse", "explained_variance", "explained_variance_pooled", "explained_variance_per_token")
 SEEDS = (0, 1)
 
@@ -48,8 +47,9 @@ class AllRows:
 
 
 def budget(scale: common.Scale, arch: str) -> int:
+    """The first study's budget (the scale's smallest for `arch`); a scale without budgets: its own."""
     own = scale.train_tokens if arch == "topk" else scale.other_train_tokens
-    return OLD_TOKENS.get(scale.name, {}).get(arch, own)
+    return (scale.budgets_of(arch) or (own,))[0]
 
 
 def evaluate(scale: common.Scale, ens, rows, path: Path) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from experiments import common
-from experiments.budgets import train_with_budgets
+from experiments.budgets import evals_dir, keep_decoder, train_with_budgets
 from saeens import ensemble, metrics
 
 NAME = "intrinsic"
@@ -49,19 +49,24 @@ def table_run(scale: common.Scale, acts, arch: str, method: str, seed: int, prog
     J = scale.members
     run = common.run_config(scale, acts.d_in, arch, method, J, seed)
     name = common.run_name(arch, method, J, seed, scale.k)
-    if spliced is not None and scale.budgets and method != "boosting":
-        train_with_budgets(scale, name, run, acts, scale.budgets, lambda e, _: budget_metrics(scale, acts, spliced, e),
+    if spliced is not None and scale.budgets_of(arch) and method != "boosting":
+        train_with_budgets(scale, name, run, acts, scale.budgets_of(arch), budget_evaluator(scale, acts, spliced, name),
                            progress)
     return common.ensure_run(scale, name, run, acts, progress)
 
 
-def budget_metrics(scale: common.Scale, acts, spliced: common.Spliced, ens) -> dict[str, Any]:
-    """The metrics of an ensemble at a budget and, for bagging, of its member 0 (the single SAE)."""
-    out = {**common.intrinsic_metrics(ens, acts, scale), **spliced.fast(ens)}
-    if ens.n_members > 1 and not ens.sequential:
-        one = ensemble.single(ens.cfg, ensemble.member(ens, 0))
-        out["single"] = {**common.intrinsic_metrics(one, acts, scale), **spliced.fast(one)}
-    return out
+def budget_evaluator(scale: common.Scale, acts, spliced: common.Spliced, name: str):
+    """evaluate(ensemble, steps) for train_with_budgets: the metrics of the ensemble at a budget and,
+    for bagging, of its member 0 (the single SAE); its decoder is kept for stability at that budget."""
+    def evaluate(ens, steps: int) -> dict[str, Any]:
+        out = {**common.intrinsic_metrics(ens, acts, scale), **spliced.fast(ens)}
+        if ens.n_members > 1 and not ens.sequential:
+            one = ensemble.single(ens.cfg, ensemble.member(ens, 0))
+            out["single"] = {**common.intrinsic_metrics(one, acts, scale), **spliced.fast(one)}
+        keep_decoder(evals_dir(scale, name), ens, steps)
+        return out
+
+    return evaluate
 
 
 def evaluate_run(scale, acts, spliced: common.Spliced, ens, info: dict[str, Any]) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """Every experiment in order, resumably: cache -> sparsity probe -> the data policy at the old budget ->
-convergence -> table 1 -> J sweep -> Pareto -> probing -> SCR -> report.
+convergence -> table 1 -> table 1 across budgets -> J sweep -> Pareto -> probing -> SCR -> report.
 
     python -m experiments.run_all --scale full        # the study (see README for the budget)
     python -m experiments.run_all --scale gpu         # the same at >= 30M tokens per SAE, one GPU
@@ -19,12 +19,12 @@ from __future__ import annotations
 import json
 import time
 
-from experiments import (common, concept_detection, convergence, data_policy, effect_of_j, intrinsic, pareto, report,
-                         sparsity_probe, spurious_removal)
+from experiments import (across_budgets, common, concept_detection, convergence, data_policy, effect_of_j, intrinsic,
+                         pareto, report, sparsity_probe, spurious_removal)
 from experiments import estimate as planned
 
 STEPS = (("sparsity_probe", sparsity_probe.main), ("data_policy", data_policy.main), ("convergence", convergence.main),
-         ("intrinsic", intrinsic.main),
+         ("intrinsic", intrinsic.main), ("across_budgets", across_budgets.main),
          ("effect_of_j", effect_of_j.main),
          ("pareto", pareto.main), ("concept_detection", concept_detection.main),
          ("spurious_removal", spurious_removal.main), ("report", report.main))
@@ -48,8 +48,11 @@ def estimate(scale: common.Scale, d_in: int = 576) -> dict[str, dict[str, float]
     probe = len(sparsity_probe.GRID) * fl("relu", "single", 1, 0)
     policy = {a: 2 * len(data_policy.SEEDS) * sum(fl(a, m, scale.members, 0, tokens=data_policy.budget(scale, a))
                                                   for m in ("single", "expanded")) for a in ("topk", "relu")}
-    return {"sparsity_probe": {"dense": probe}, "data_policy": {"topk": policy["topk"], "dense": policy["relu"]}, "convergence": {"topk": conv}, "intrinsic": {"topk": t1, "dense": dense},
-            "pareto": {"topk": pa}}
+    twins = {a: sum(common.train_flops(run) / 1e12 for s in range(n) for _, run in
+                    across_budgets.boosting_runs(scale, d_in, a, s)[:-1]) for a, n in intrinsic.arch_seeds(scale)}
+    return {"sparsity_probe": {"dense": probe}, "data_policy": {"topk": policy["topk"], "dense": policy["relu"]},
+            "convergence": {"topk": conv}, "intrinsic": {"topk": t1, "dense": dense},
+            "across_budgets": {"topk": twins.pop("topk"), "dense": sum(twins.values())}, "pareto": {"topk": pa}}
 
 
 def _tokens(run, tokens: int | None):

@@ -37,11 +37,17 @@ class Scale:
     checkpoint_every: int
     batch_forward: int
     dead_tokens: int | None = None  # a latent silent this long is dead (TopK's AuxK revives it); None: train tokens
-    budgets: tuple[int, ...] = ()  # tokens at which single/expanded/bagging runs are also evaluated as they train
+    budgets: tuple[int, ...] = ()  # TopK: tokens at which single/expanded/bagging runs are also evaluated as they train
+    other_budgets: tuple[int, ...] = ()  # the same for the other architectures
 
     @property
     def steps(self) -> int:
         return self.train_tokens // self.batch_size
+
+    def budgets_of(self, arch: str) -> tuple[int, ...]:
+        """The smaller budgets at which `arch`'s runs are evaluated, ascending; the first is the old
+        study's budget, where boosting also trains runs of its own (experiments/across_budgets.py)."""
+        return tuple(sorted(self.budgets if arch == "topk" else self.other_budgets))
 
 
 # ReLU's L1 and JumpReLU's initial threshold chosen for an L0 near TopK's k = 32 after ~150 steps by
@@ -64,7 +70,8 @@ SCALES = {
     ),
     # 10x the first study's 300k tokens (the convergence curves, experiments/convergence.py, show how far
     # from its plateau each method is there); batch, lr and dead_tokens as before, so the evaluations
-    # at 0.3M and 1M tokens on the way reproduce the old budget with the same seeds
+    # on the way at the first study's budgets (TopK 300k, the others 150k tokens) and at a third of the
+    # new one reproduce the old budget with the same seeds
     "full": Scale(
         name="full", cache_tokens=2_000_000, context_length=128, width=1152, k=32, members=8, seeds=4,
         train_tokens=3_000_000, batch_size=1024, lr=1e-3, kernel="sparse",
@@ -74,6 +81,7 @@ SCALES = {
         probe_train_per_class=200, probe_test_per_class=100, probe_context=128,
         scr_train_per_group=300, scr_test_per_group=150, scr_ns=(2, 5, 10, 20, 50, 100, 200, 500),
         checkpoint_every=50, batch_forward=16, dead_tokens=30_000, budgets=(300_000, 1_000_000),
+        other_budgets=(150_000, 500_000),
     ),
     # every packaged token cached (~2.7M train rows) and trained for ~11 epochs: 30M tokens per SAE /
     # boosting stage; batch 4096 keeps the step count (7.3k) and the wall time within ~8 min on one GPU

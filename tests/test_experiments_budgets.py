@@ -55,6 +55,29 @@ def test_a_budget_evaluation_is_the_run_of_that_many_steps(work):
     assert budgets.train_with_budgets(scale, "r", run, acts, (64 * 8,), evaluate, progress=False) == recs and not seen
 
 
+
+def test_a_boosting_budget_is_its_stage_length_and_every_stage_trains(work):
+    """Boosting has no points on the way (each stage trains its own budget): train_with_budgets
+    trains all J stages, records one stage's steps and tokens, and refuses intermediate budgets."""
+    from saeens.train import fit
+
+    scale = _scale()
+    acts = ArrayActivations(np.random.default_rng(0).standard_normal((2000, 8)).astype(np.float32), 0.1)
+    run = common.run_config(scale, 8, "topk", "boosting", 2, 0)
+    run = dataclasses.replace(run, train=dataclasses.replace(run.train, n_tokens=64 * 8))
+    with pytest.raises(ValueError, match="one boosting run per budget"):
+        budgets.train_with_budgets(scale, "b", run, acts, (64 * 4,), lambda e, s: {}, progress=False)
+    seen = {}
+
+    def evaluate(ens, steps):
+        seen[steps] = np.asarray(ensemble.decoder(ens))
+        return {}
+
+    recs = budgets.train_with_budgets(scale, "b", run, acts, (), evaluate, progress=False)
+    assert [(r["steps"], r["tokens"]) for r in recs] == [(8, 512)]
+    alone = np.asarray(ensemble.decoder(fit(work / "alone", run, acts, progress=False)))
+    np.testing.assert_allclose(seen[8], alone, rtol=1e-6, atol=1e-6)  # stage 1 trained too, not left at its init
+
 def test_the_work_directory_follows_saeens_work(tmp_path):
     code = "from experiments import common; print(common.WORK); print(common.results_dir(common.SCALES['tiny']))"
     env = {**os.environ, "SAEENS_WORK": str(tmp_path / "elsewhere")}
@@ -90,7 +113,7 @@ def test_estimate_prints_planned_hours_from_measured_throughput(work, capsys):
     rates = estimate.measure(scale, d_in=16, steps=1)
     assert set(rates) == {"topk", "dense"} and all(r > 0 for r in rates.values())
     parts = run_all.estimate(scale, d_in=16)
-    assert set(parts) == {"sparsity_probe", "data_policy", "convergence", "intrinsic", "pareto"}
+    assert set(parts) == {"sparsity_probe", "data_policy", "convergence", "intrinsic", "across_budgets", "pareto"}
     planned = estimate.plan(parts, rates)
     want = sum(t * 1e12 / rates[k] for kinds in parts.values() for k, t in kinds.items()) / 3600
     assert planned["total_hours"] == pytest.approx(want, abs=0.01)
@@ -99,6 +122,9 @@ def test_estimate_prints_planned_hours_from_measured_throughput(work, capsys):
     assert full["intrinsic"]["topk"] == pytest.approx(sum(
         common.train_flops(common.run_config(common.SCALES["full"], 576, "topk", m, 8, s)) / 1e12
         for m in ("expanded", "bagging", "boosting") for s in range(4)))
+    # boosting's twins at the old budget: 300 of table 1's 2,929 steps per stage, 4 TopK seeds
+    assert full["across_budgets"]["topk"] == pytest.approx(4 * common.train_flops(
+        common.run_config(common.SCALES["full"], 576, "topk", "boosting", 8, 0)) / 1e12 * 300 / 2929)
     assert common.SCALES["full"].train_tokens >= 3_000_000 and common.SCALES["full"].other_train_tokens >= 1_500_000
     assert common.SCALES["gpu"].train_tokens >= 30_000_000
     assert json.dumps(planned)
@@ -154,3 +180,25 @@ def test_convergence_writes_each_finished_curve_and_a_rerun_finishes_it(work, mo
     done = convergence.main(scale, progress=False, ensembles=False)
     assert list(done["curves"]) == ["single", "expanded"] and done["complete"] is True
     assert json.loads(path.read_text())["complete"] is True and common.result_done(scale, "convergence", force=False)
+
+
+def test_a_comparison_across_budgets_is_judged_against_the_paper_with_its_noise():
+    """experiments/across_budgets.judge: per budget agrees / disagrees / no difference (overlapping
+    intervals), the movement from the first budget to the last, and whether the gap narrows."""
+    from experiments.across_budgets import judge
+
+    def pt(tokens, a, b):  # a, b: (mean, half-width) of MSE
+        ci = lambda m, h: {"mean": m, "ci_low": m - h, "ci_high": m + h}  # noqa: E731
+        return {"tokens": tokens, "steps": tokens // 10, "methods": {"boosting": {"mse": ci(*a)}, "expanded": {"mse": ci(*b)}}}
+
+    flips = judge([pt(100, (5.0, 0.5), (3.0, 0.5)), pt(300, (2.0, 0.1), (3.0, 0.1))], "mse", "boosting", "expanded", "lower")
+    assert [p["verdict"] for p in flips["per_budget"]] == ["disagrees", "agrees"]
+    assert flips["change"] == "flips" and flips["gap_trend"] == "changes sign"
+    assert [p["gap"] for p in flips["per_budget"]] == [2.0, -1.0]
+    vanishes = judge([pt(100, (5.0, 0.5), (3.0, 0.5)), pt(300, (3.2, 0.5), (3.0, 0.5))], "mse", "boosting", "expanded", "lower")
+    assert [p["verdict"] for p in vanishes["per_budget"]] == ["disagrees", uncertainty.NO_DIFFERENCE]
+    assert vanishes["change"] == "vanishes" and vanishes["gap_trend"] == "narrows"
+    stays = judge([pt(100, (1.0, 0.1), (3.0, 0.1)), pt(300, (1.0, 0.1), (5.0, 0.1))], "mse", "boosting", "expanded", "lower")
+    assert stays["change"] == "persists" and stays["gap_trend"] == "widens"
+    missing = judge([pt(100, (1.0, 0.1), (3.0, 0.1))], "mse", "boosting", "expanded", "lower")
+    assert missing["change"] == "n/a" and len(missing["per_budget"]) == 1

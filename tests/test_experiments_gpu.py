@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from experiments import common, convergence, intrinsic, report, run_all
+from experiments import across_budgets, common, convergence, intrinsic, report, run_all
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def toy_gpu(tmp_path, monkeypatch):
         single_tokens=2048, expanded_tokens=1024, ensemble_tokens=1024, boosting_max=512, ensemble_members=2,
         points=(512, 1024, 2048)))
     monkeypatch.setattr(run_all, "STEPS", (("convergence", convergence.main), ("intrinsic", intrinsic.main),
-                                           ("report", report.main)))
+                                           ("across_budgets", across_budgets.main), ("report", report.main)))
     return toy
 
 
@@ -47,9 +47,21 @@ def test_gpu_scale_command_path_at_toy_size(toy_gpu, tmp_path, capsys):
     assert all(s["member_of"].endswith(f"bagging-J2-s{s['seed']}") for s in singles)  # no runs of its own
     assert not any("single" in p.name for p in (common.WORK / "gpu" / "runs").iterdir() if "convergence" not in p.name)
     budget_files = sorted(p.name for p in (results / "budgets").iterdir())
-    assert "topk-k4-bagging-J2-s0-4.json" in budget_files and not any("boosting" in n and "convergence" not in n
-                                                                       for n in budget_files)
+    assert "topk-k4-bagging-J2-s0-4.json" in budget_files
+    # boosting's stage length is its budget: no point on the way, a twin run at the old budget instead
+    assert "topk-k4-boosting-J2-s0-4.json" not in budget_files and "topk-k4-boosting-J2-s0-T512-4.json" in budget_files
     rec = json.loads((results / "budgets" / "topk-k4-bagging-J2-s0-4.json").read_text())
     assert rec["tokens"] == 512 and "single" in rec and "delta_lm_loss" in rec
-    assert sorted(p.name for p in (results / "stability").iterdir())[:2] == ["topk-bagging-s0.npy", "topk-bagging-s1.npy"]
-    assert (results / "findings.md").is_file() and "chance level" in (results / "findings.md").read_text()
+    assert sorted(p.name for p in (results / "stability").glob("*.npy"))[:2] == ["topk-bagging-s0.npy", "topk-bagging-s1.npy"]
+    ab = json.loads((results / "across_budgets.json").read_text())["archs"]["topk"]
+    assert [p["tokens"] for p in ab["points"]] == [512, 2048]  # the old budget and table 1's, the same seeds
+    assert all(set(p["methods"]) == {"single", "expanded", "bagging", "boosting"} for p in ab["points"])
+    last = ab["points"][-1]["methods"]
+    for m in ("single", "expanded", "bagging", "boosting"):  # the last point is table 1's row
+        assert last[m]["mse"]["mean"] == pytest.approx(rows[m]["mse"]["mean"], rel=1e-5)
+        assert last[m]["stability"] == pytest.approx(rows[m]["stability"], rel=1e-5)
+    assert (common.WORK / "gpu" / "runs" / "topk-k4-boosting-J2-s1-T512" / "ensemble.json").is_file()
+    assert all(len(c["per_budget"]) == 2 and c["change"] != "n/a" for c in ab["claims"])
+    assert (results / "stability" / "budgets" / "topk-single-T512-s0.npy").is_file()
+    text = (results / "findings.md").read_text()
+    assert "chance level" in text and "as the budget grows" in text and "512 tokens:" in text
