@@ -24,9 +24,11 @@ ONE member, S = train_tokens // B steps per SAE / per boosting stage):
   single                    S * 12*B*d*m
   expanded (J*m latents)    S * 12*B*d*(J*m)
   bagging                   J * S * 12*B*d*m
-  boosting                  J * S * 12*B*d*m  +  S * 4*B*d*m * J*(J-1)/2
-                            (stage j also runs the forward pass, 4*B*d*m, of the j-1 frozen stages
-                            before it on every step to form its residual)
+  boosting                  J * S * 12*B*d*m  +  sum_{j=1..J-1} min(N, (J-j)*S*B) * 4*d*m
+                            (when stage j starts, one forward pass, 4*d*m per row, of stage j-1
+                            writes the residual of every row that stages j..J-1 will read, at most
+                            the N training rows: saeens/train/residual.py; without the cache each
+                            step would rerun the j frozen stages, S*4*B*d*m*J*(J-1)/2 in all)
 The TopK runs use the sparse kernel (saeens/kernels.py: same loss and gradients, fewer FLOPs);
 the counts above are dense-model FLOPs, the measure the methods are compared on.
 """
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -209,8 +212,9 @@ def run_config(scale: Scale, d_in: int, arch: str, method: str, J: int, seed: in
     return RunConfig(sae, train, EnsembleConfig(method, 1 if method == "single" else J))
 
 
-def train_flops(run: RunConfig) -> float:
-    """Training FLOPs of a run under the dense FLOP model of the module docstring."""
+def train_flops(run: RunConfig, n_rows: int | None = None) -> float:
+    """Training FLOPs of a run under the dense FLOP model of the module docstring; n_rows: the
+    cache's training rows (None: no row is read twice, the bound for a cache larger than the run)."""
     B, d, m = run.train.batch_size, run.sae.d_in, run.sae.width
     S, J, method = run.train.n_steps, run.ensemble.members, run.ensemble.method
     step = 12.0 * B * d * m
@@ -220,7 +224,8 @@ def train_flops(run: RunConfig) -> float:
         return S * step * J
     if method == "bagging":
         return J * S * step
-    return J * S * step + S * 4.0 * B * d * m * J * (J - 1) / 2
+    rows = sum(min(n_rows or math.inf, (J - j) * S * B) for j in range(1, J))
+    return J * S * step + 4.0 * d * m * rows
 
 
 def add_seconds(path: Path, seconds: float) -> float:
@@ -256,7 +261,8 @@ def ensure_run(scale: Scale, name: str, run: RunConfig, acts, progress: bool = T
             add_seconds(seconds_path, time.perf_counter() - t0)
         ens, _ = load_ensemble(rd)  # the saved (float32, activation-unit) ensemble: same as a later load
     seconds = json.loads(seconds_path.read_text())["seconds"] if seconds_path.is_file() else float("nan")
-    return ens, {"run_dir": rd.relative_to(WORK).as_posix(), "train_seconds": seconds, "train_flops": train_flops(run),
+    return ens, {"run_dir": rd.relative_to(WORK).as_posix(), "train_seconds": seconds,
+                 "train_flops": train_flops(run, acts.n_rows("train")),
                  "train_steps": run.train.n_steps * (run.ensemble.members if run.ensemble.method == "boosting" else 1)}
 
 

@@ -140,7 +140,7 @@ def setting(scale: common.Scale, acts) -> dict[str, Any]:
     return {"model": common.MODEL, "hook": common.hook(), "corpora": list(common.CORPORA),
             "train_rows": acts.n_rows("train"), "test_rows": acts.n_rows("test"),
             "scale": dataclasses.asdict(scale), "cache_seconds": common.cache_seconds(scale),
-            "flop_model": "dense: 12*B*d*m per member-step; boosting + 4*B*d*m per earlier stage per step"}
+            "flop_model": "dense: 12*B*d*m per member-step; boosting + 4*d*m per row of each stage's residual pass"}
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -28,7 +28,7 @@ def point_ensemble(scale: common.Scale, acts, method: str, k: int, progress: boo
             return ens, info
         equivalent = common.run_config(scale, acts.d_in, "topk", method, J, 0)  # what a J-member run costs
         return ensemble.prefix(ens, J), {**info, "sliced_from": scale.members, "train_seconds": float("nan"),
-                                       "train_flops": common.train_flops(equivalent)}
+                                       "train_flops": common.train_flops(equivalent, acts.n_rows("train"))}
     Jm = 1 if method == "single" else J
     run = common.run_config(scale, acts.d_in, "topk", method, Jm, 0, k=k)
     return common.ensure_run(scale, common.run_name("topk", method, Jm, 0, k), run, acts, progress)

@@ -34,7 +34,8 @@ def estimate(scale: common.Scale, d_in: int = 576) -> dict[str, dict[str, float]
     """Training TFLOP (dense FLOP model of common.py) that each script adds, split by kind: "topk"
     (TopK runs) and "dense" (ReLU, JumpReLU). The single row is bagging's member 0: no runs of its own."""
     fl = lambda arch, method, J, seed, k=None, tokens=None: common.train_flops(  # noqa: E731
-        _tokens(common.run_config(scale, d_in, arch, method, 1 if method == "single" else J, seed, k), tokens)) / 1e12
+        _tokens(common.run_config(scale, d_in, arch, method, 1 if method == "single" else J, seed, k), tokens),
+        scale.cache_tokens) / 1e12
     trained = [m for m in common.METHODS if m != "single"]
     t1 = sum(fl("topk", m, scale.members, s) for m in trained for s in range(scale.seeds))
     dense = sum(fl(a, m, scale.members, s) for a, _ in scale.other_archs for m in trained for s in range(scale.other_seeds))
@@ -48,7 +49,7 @@ def estimate(scale: common.Scale, d_in: int = 576) -> dict[str, dict[str, float]
     probe = len(sparsity_probe.GRID) * fl("relu", "single", 1, 0)
     policy = {a: 2 * len(data_policy.SEEDS) * sum(fl(a, m, scale.members, 0, tokens=data_policy.budget(scale, a))
                                                   for m in ("single", "expanded")) for a in ("topk", "relu")}
-    twins = {a: sum(common.train_flops(run) / 1e12 for s in range(n) for _, run in
+    twins = {a: sum(common.train_flops(run, scale.cache_tokens) / 1e12 for s in range(n) for _, run in
                     across_budgets.boosting_runs(scale, d_in, a, s)[:-1]) for a, n in intrinsic.arch_seeds(scale)}
     return {"sparsity_probe": {"dense": probe}, "data_policy": {"topk": policy["topk"], "dense": policy["relu"]},
             "convergence": {"topk": conv}, "intrinsic": {"topk": t1, "dense": dense},

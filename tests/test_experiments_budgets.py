@@ -120,11 +120,17 @@ def test_estimate_prints_planned_hours_from_measured_throughput(work, capsys):
     full = run_all.estimate(common.SCALES["full"])
     # single costs nothing of its own (bagging's member 0), and the study is >= 10x the old budget
     assert full["intrinsic"]["topk"] == pytest.approx(sum(
-        common.train_flops(common.run_config(common.SCALES["full"], 576, "topk", m, 8, s)) / 1e12
+        common.train_flops(common.run_config(common.SCALES["full"], 576, "topk", m, 8, s), 2_000_000) / 1e12
         for m in ("expanded", "bagging", "boosting") for s in range(4)))
-    # boosting's twins at the old budget: 300 of table 1's 2,929 steps per stage, 4 TopK seeds
-    assert full["across_budgets"]["topk"] == pytest.approx(4 * common.train_flops(
-        common.run_config(common.SCALES["full"], 576, "topk", "boosting", 8, 0)) / 1e12 * 300 / 2929)
+    # boosting's residual passes: stage j's forward over the rows stages j..7 read, at most the cache's rows
+    boost = common.run_config(common.SCALES["full"], 576, "topk", "boosting", 8, 0)
+    bag = common.train_flops(dataclasses.replace(boost, ensemble=dataclasses.replace(boost.ensemble, method="bagging")))
+    assert common.train_flops(boost, 2_000_000) - bag == pytest.approx(4 * 576 * 1152 * 7 * 2_000_000)
+    assert common.train_flops(boost) - bag == pytest.approx(4 * 576 * 1152 * 2929 * 1024 * 28)
+    # boosting's twins at the old budget: 300 steps per stage (the other methods' point there), 4 TopK seeds
+    twin = common.run_config(common.SCALES["full"], 576, "topk", "boosting", 8, 0)
+    twin = dataclasses.replace(twin, train=dataclasses.replace(twin.train, n_tokens=300 * 1024))
+    assert full["across_budgets"]["topk"] == pytest.approx(4 * common.train_flops(twin, 2_000_000) / 1e12)
     assert common.SCALES["full"].train_tokens >= 3_000_000 and common.SCALES["full"].other_train_tokens >= 1_500_000
     assert common.SCALES["gpu"].train_tokens >= 30_000_000
     assert json.dumps(planned)
