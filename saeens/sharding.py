@@ -269,17 +269,23 @@ def shard_method(method: Any, mesh: Mesh, stacked: bool) -> Any:
     """The same Method with its state on `mesh`: init places the state, step keeps its layout
     (and returns replicated metrics), prepare re-places what it returns, to_ensemble reads the
     final state back to the host first (it is a collective in multi-host runs)."""
-    prepare = None
+    prepare = enter = leave = None
     if method.prepare is not None:
         def prepare(state, step, sample):
             return place_state(method.prepare(state, step, sample), mesh, stacked)
+    if method.enter is not None:  # boosting's stage trained alone: one SAE's layout between enter and leave
+        def enter(state, stage):
+            return place_state(method.enter(state, stage), mesh, False)
+
+        def leave(state, stage, sub):
+            return place_state(method.leave(state, stage, sub), mesh, stacked)
 
     return dataclasses.replace(
         method,
         init=lambda key, sample: place_state(method.init(key, sample), mesh, stacked),
-        step=_pinned(method.step, mesh, stacked),
+        step=_pinned(method.step, mesh, stacked and method.enter is None),
         to_ensemble=lambda state: method.to_ensemble(to_host(state)),
-        prepare=prepare,
+        prepare=prepare, enter=enter, leave=leave,
     )
 
 

@@ -158,7 +158,7 @@ def test_one_compiled_step_program_per_method(tmp_path):
             run = RunConfig(SAEConfig(d_in=16, width=16, k=4), TrainConfig(n_tokens=3 * 128, batch_size=128, checkpoint_every=2),
                             EnsembleConfig(method, J))
             train.fit({str(tmp_path)!r} + "/" + method, run, acts, progress=False)
-            step = train.build_method(run).step  # the cached Method fit used
+            step = train.build_method(run, residual_cache=True).step  # the cached Method fit used (rows by index)
             name = getattr(step, "__wrapped__", step).__name__
             counts[method] = sum(m.startswith(f"Compiling jit({{name}})") for m in compiled)
         print(json.dumps(counts))

@@ -120,11 +120,13 @@ def _train(
             bar.set_description(_bar_desc(lo, method))
             stage_source = source if method.stage_source is None else method.stage_source(run_dir, source, state, lo // S)
             fetch = functools.partial(_device_batch, stage_source, tcfg, mesh)
+            if method.prepare is not None:  # a segment starts where a stage may start, never inside one
+                state = method.prepare(state, lo, sample)
+            stage = None if S is None else jnp.int32(lo // S)
+            running = state if method.enter is None else method.enter(state, stage)  # what the step trains
             with _batches(fetch, range(lo, hi), prefetch) as batches:
                 for step in range(lo, hi):
-                    if method.prepare is not None:
-                        state = method.prepare(state, step, sample)
-                    state, metrics = method.step(state, batches.get(step), jax.random.fold_in(step_key, step))
+                    running, metrics = method.step(running, batches.get(step), jax.random.fold_in(step_key, step))
                     window.append(metrics)  # device scalars: no host sync until the log step
                     bar.update(1)
                     done = step + 1
@@ -137,10 +139,12 @@ def _train(
                         log.flush()
                         bar.set_postfix(loss=f"{row['loss']:.4g}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.2f}")
                     if is_ckpt:
+                        state = running if method.leave is None else method.leave(state, stage, running)
                         if writer and not recorded:  # the config goes with the first step there is to resume
                             runs.record(run_dir, run, described)
                             recorded = True
                         checkpoints.save(mngr, done, state)
+            state = running if method.leave is None else method.leave(state, stage, running)
     bar.close()
     mngr.wait_until_finished()
     ens = method.to_ensemble(state)

@@ -42,6 +42,10 @@ class Method:
     steps_per_stage: int | None = None  # boosting: the log and the progress bar follow the stages
     # boosting with a residual cache: (run_dir, source, state, stage) -> the source the stage's steps read
     stage_source: Callable[[Path, BatchSource, Any, int], BatchSource] | None = None
+    # boosting with a residual cache: `step` trains the stage alone; enter (state, stage) takes it out of
+    # the stacked state, leave (state, stage, stage state) writes it back (donating the stacked state)
+    enter: Callable[[Any, jax.Array], Any] | None = None
+    leave: Callable[[Any, jax.Array, Any], Any] | None = None
 
 
 def single_method(cfg: SAEConfig, tcfg: TrainConfig) -> Method:
@@ -68,20 +72,23 @@ def boosting_method(cfg: SAEConfig, tcfg: TrainConfig, stages: int, residual_cac
     """residual_cache: each stage's residual is written once at its start and read by its steps
     (needs rows by index); otherwise every step recomputes it through the frozen stages."""
     opt, S = make_optimizer(tcfg), tcfg.n_steps
-    stage_source = None
-    if residual_cache:
-        def stage_source(run_dir, source, state, stage):
-            return residual.stage_source(run_dir, source, state, cfg, tcfg, stage, stages)
-
-    return Method(
+    method = Method(
         init=jax.jit(lambda key, sample: boosting.init_stages(key, cfg, tcfg, sample, stages, opt)),
-        step=jax.jit(boosting.make_boosting_step(cfg, opt, S, residual_given=residual_cache), donate_argnums=0),
+        step=jax.jit(boosting.make_boosting_step(cfg, opt, S), donate_argnums=0),
         n_steps=stages * S,
         to_ensemble=lambda s: boosting.final_ensemble(cfg, s),
         prepare=boosting.make_prepare(cfg, S),
         steps_per_stage=S,
-        stage_source=stage_source,
     )
+    if not residual_cache:
+        return method
+
+    def stage_source(run_dir, source, state, stage):
+        return residual.stage_source(run_dir, source, state, cfg, tcfg, stage, stages)
+
+    return dataclasses.replace(
+        method, step=jax.jit(boosting.make_stage_step(cfg, opt, S), donate_argnums=0), stage_source=stage_source,
+        enter=jax.jit(boosting.stage_state), leave=jax.jit(boosting.with_stage, donate_argnums=0))
 
 
 def sweep_method(cfg: SAEConfig, tcfg: TrainConfig, grid: SweepConfig) -> Method:
