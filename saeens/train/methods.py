@@ -1,10 +1,11 @@
-"""Method name -> Method: the four functions (and the stage length) that `fit` needs.
+"""Method name -> Method: the functions (and the stage length) that `fit` needs.
 
   single / expanded   jit(single step)            (expanded = one SAE of J*m latents)
   bagging             jit(vmap(single step))      saeens/train/bagging.py
   boosting            jit(single step on stage `state.step // S`, input = residual of the
                       frozen stages, computed in the step or read from the stage's residual
-                      cache)                      saeens/train/boosting.py, residual.py
+                      cache; with the cache the stage trains alone between enter and leave)
+                                                  saeens/train/boosting.py, residual.py
   sweep               jit(bagging's member map of a step whose lr and coefficients are the
                       member's data)              saeens/train/sweep.py
 Each method's init and step are jitted HERE, once (a config compiles one step program, whatever
@@ -32,7 +33,7 @@ from saeens.train.step import init_state, make_step
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """A training method as four functions: what `fit` needs and nothing else."""
+    """A training method as the functions `fit` needs and nothing else."""
 
     init: Callable[[jax.Array, jax.Array], Any]  # (key, sample_ND) -> state
     step: Callable[[Any, jax.Array, jax.Array], tuple[Any, dict]]  # jitted (state, batch, key)
@@ -72,23 +73,17 @@ def boosting_method(cfg: SAEConfig, tcfg: TrainConfig, stages: int, residual_cac
     """residual_cache: each stage's residual is written once at its start and read by its steps
     (needs rows by index); otherwise every step recomputes it through the frozen stages."""
     opt, S = make_optimizer(tcfg), tcfg.n_steps
-    method = Method(
-        init=jax.jit(lambda key, sample: boosting.init_stages(key, cfg, tcfg, sample, stages, opt)),
-        step=jax.jit(boosting.make_boosting_step(cfg, opt, S), donate_argnums=0),
-        n_steps=stages * S,
-        to_ensemble=lambda s: boosting.final_ensemble(cfg, s),
-        prepare=boosting.make_prepare(cfg, S),
-        steps_per_stage=S,
-    )
+    common = dict(init=jax.jit(lambda key, sample: boosting.init_stages(key, cfg, tcfg, sample, stages, opt)),
+                  n_steps=stages * S, to_ensemble=lambda s: boosting.final_ensemble(cfg, s),
+                  prepare=boosting.make_prepare(cfg, S), steps_per_stage=S)
     if not residual_cache:
-        return method
+        return Method(step=jax.jit(boosting.make_boosting_step(cfg, opt, S), donate_argnums=0), **common)
 
     def stage_source(run_dir, source, state, stage):
         return residual.stage_source(run_dir, source, state, cfg, tcfg, stage, stages)
 
-    return dataclasses.replace(
-        method, step=jax.jit(boosting.make_stage_step(cfg, opt, S), donate_argnums=0), stage_source=stage_source,
-        enter=jax.jit(boosting.stage_state), leave=jax.jit(boosting.with_stage, donate_argnums=0))
+    return Method(step=jax.jit(boosting.make_stage_step(cfg, opt, S), donate_argnums=0), stage_source=stage_source,
+                  enter=jax.jit(boosting.stage_state), leave=jax.jit(boosting.with_stage, donate_argnums=0), **common)
 
 
 def sweep_method(cfg: SAEConfig, tcfg: TrainConfig, grid: SweepConfig) -> Method:
