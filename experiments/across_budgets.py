@@ -17,7 +17,6 @@ it narrows or widens. Writes <results>/across_budgets.{json,md}.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import numpy as np
@@ -52,7 +51,7 @@ def boosting_runs(scale: common.Scale, d_in: int, arch: str, seed: int) -> list[
     out = [(name, run)]
     if scale.budgets_of(arch):
         tokens = budget_steps(run, scale.budgets_of(arch))[0] * scale.batch_size
-        out.insert(0, (f"{name}-T{tokens}", dataclasses.replace(run, train=dataclasses.replace(run.train, n_tokens=tokens))))
+        out.insert(0, (f"{name}-T{tokens}", common.with_tokens(run, tokens)))
     return out
 
 
@@ -62,16 +61,19 @@ def records(scale: common.Scale, acts, spliced: common.Spliced, arch: str, metho
     ascending; runs that are not trained yet are trained (table 1's own, or boosting's twin)."""
     evaluate = lambda n: budget_evaluator(scale, acts, spliced, n)  # noqa: E731
     if method == "boosting":
-        return [{**r, "decoder": decoder_path(evals_dir(scale, name), r["steps"])}
-                for name, run in boosting_runs(scale, acts.d_in, arch, seed)
-                for r in train_with_budgets(scale, name, run, acts, (), evaluate(name), progress)]
+        return [r for name, run in boosting_runs(scale, acts.d_in, arch, seed)
+                for r in _with_decoders(scale, name, train_with_budgets(scale, name, run, acts, (), evaluate(name), progress))]
     source = "bagging" if method == "single" else method
     name = common.run_name(arch, source, scale.members, seed, scale.k)
     run = common.run_config(scale, acts.d_in, arch, source, scale.members, seed)
     recs = train_with_budgets(scale, name, run, acts, scale.budgets_of(arch), evaluate(name), progress)
-    if method == "single":
-        return [{**r["single"], "steps": r["steps"], "tokens": r["tokens"], "member_rows": scale.width,
-                 "decoder": decoder_path(evals_dir(scale, name), r["steps"])} for r in recs]
+    if method == "single":  # bagging's member 0: its metrics, the first `width` rows of bagging's decoder
+        recs = [{**r["single"], "steps": r["steps"], "tokens": r["tokens"], "member_rows": scale.width} for r in recs]
+    return _with_decoders(scale, name, recs)
+
+
+def _with_decoders(scale: common.Scale, name: str, recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each record with the path of the decoder its evaluation kept."""
     return [{**r, "decoder": decoder_path(evals_dir(scale, name), r["steps"])} for r in recs]
 
 

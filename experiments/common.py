@@ -36,6 +36,7 @@ the counts above are dense-model FLOPs, the measure the methods are compared on.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -210,6 +211,11 @@ def run_config(scale: Scale, d_in: int, arch: str, method: str, J: int, seed: in
     train = TrainConfig(n_tokens=n_tokens, batch_size=scale.batch_size, lr=scale.lr, seed=seed,
                         checkpoint_every=scale.checkpoint_every, log_every=10)
     return RunConfig(sae, train, EnsembleConfig(method, 1 if method == "single" else J))
+
+
+def with_tokens(run: RunConfig, tokens: int | None) -> RunConfig:
+    """The same run with another token budget per SAE / boosting stage (None: unchanged)."""
+    return run if tokens is None else dataclasses.replace(run, train=dataclasses.replace(run.train, n_tokens=tokens))
 
 
 def train_flops(run: RunConfig, n_rows: int | None = None) -> float:

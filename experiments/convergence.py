@@ -56,7 +56,7 @@ SEEDS = (0, 1)
 
 def _run(scale: common.Scale, d_in: int, method: str, J: int, seed: int, tokens: int):
     run = common.run_config(scale, d_in, "topk", method, J, seed)
-    run = dataclasses.replace(run, train=dataclasses.replace(run.train, n_tokens=tokens))
+    run = common.with_tokens(run, tokens)
     return f"{NAME}-{common.run_name('topk', method, J, seed, scale.k)}-T{tokens}", run
 
 

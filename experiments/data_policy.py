@@ -15,7 +15,6 @@ Writes <results>/data_policy.{json,md}; runs and evaluations resume.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -70,7 +69,7 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
                 per_seed: dict[str, list[dict[str, Any]]] = {"kept": [], "all": []}
                 for seed in SEEDS:
                     run = common.run_config(scale, acts.d_in, arch, method, scale.members, seed)
-                    run = dataclasses.replace(run, train=dataclasses.replace(run.train, n_tokens=budget(scale, arch)))
+                    run = common.with_tokens(run, budget(scale, arch))
                     name = f"{NAME}-{trained}-{common.run_name(arch, method, run.ensemble.members, seed, scale.k)}-T{run.train.n_tokens}"
                     ens, info = common.ensure_run(scale, name, run, data[trained], progress)
                     for scored in ("kept", "all"):

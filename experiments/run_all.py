@@ -34,7 +34,7 @@ def estimate(scale: common.Scale, d_in: int = 576) -> dict[str, dict[str, float]
     """Training TFLOP (dense FLOP model of common.py) that each script adds, split by kind: "topk"
     (TopK runs) and "dense" (ReLU, JumpReLU). The single row is bagging's member 0: no runs of its own."""
     fl = lambda arch, method, J, seed, k=None, tokens=None: common.train_flops(  # noqa: E731
-        _tokens(common.run_config(scale, d_in, arch, method, 1 if method == "single" else J, seed, k), tokens),
+        common.with_tokens(common.run_config(scale, d_in, arch, method, 1 if method == "single" else J, seed, k), tokens),
         scale.cache_tokens) / 1e12
     trained = [m for m in common.METHODS if m != "single"]
     t1 = sum(fl("topk", m, scale.members, s) for m in trained for s in range(scale.seeds))
@@ -55,11 +55,6 @@ def estimate(scale: common.Scale, d_in: int = 576) -> dict[str, dict[str, float]
             "convergence": {"topk": conv}, "intrinsic": {"topk": t1, "dense": dense},
             "across_budgets": {"topk": twins.pop("topk"), "dense": sum(twins.values())}, "pareto": {"topk": pa}}
 
-
-def _tokens(run, tokens: int | None):
-    import dataclasses
-
-    return run if tokens is None else dataclasses.replace(run, train=dataclasses.replace(run.train, n_tokens=tokens))
 
 
 def print_estimate(scale: common.Scale) -> dict:

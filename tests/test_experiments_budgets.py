@@ -55,7 +55,6 @@ def test_a_budget_evaluation_is_the_run_of_that_many_steps(work):
     assert budgets.train_with_budgets(scale, "r", run, acts, (64 * 8,), evaluate, progress=False) == recs and not seen
 
 
-
 def test_a_boosting_budget_is_its_stage_length_and_every_stage_trains(work):
     """Boosting has no points on the way (each stage trains its own budget): train_with_budgets
     trains all J stages, records one stage's steps and tokens, and refuses intermediate budgets."""
@@ -77,6 +76,7 @@ def test_a_boosting_budget_is_its_stage_length_and_every_stage_trains(work):
     assert [(r["steps"], r["tokens"]) for r in recs] == [(8, 512)]
     alone = np.asarray(ensemble.decoder(fit(work / "alone", run, acts, progress=False)))
     np.testing.assert_allclose(seen[8], alone, rtol=1e-6, atol=1e-6)  # stage 1 trained too, not left at its init
+
 
 def test_the_work_directory_follows_saeens_work(tmp_path):
     code = "from experiments import common; print(common.WORK); print(common.results_dir(common.SCALES['tiny']))"
