@@ -12,6 +12,7 @@ results/intrinsic.{json,md} and intrinsic.png.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ def table_run(scale: common.Scale, acts, arch: str, method: str, seed: int, prog
     interact, and member j is exactly the SAE a single run with its key trains (tests/test_train.py,
     the bagging test), so the single row costs no training of its own. With `spliced`, single,
     expanded and bagging runs are also evaluated at the scale's budgets as they train
-    (experiments/budgets.py; boosting's stage length is its budget, so it has no such points)."""
+    (experiments/budgets.py; boosting's stage length is its budget, so it is evaluated at its end only)."""
     if method == "single":
         bag, info = table_run(scale, acts, arch, "bagging", seed, progress, spliced)
         J = bag.n_members
@@ -49,10 +50,13 @@ def table_run(scale: common.Scale, acts, arch: str, method: str, seed: int, prog
     J = scale.members
     run = common.run_config(scale, acts.d_in, arch, method, J, seed)
     name = common.run_name(arch, method, J, seed, scale.k)
-    if spliced is not None and scale.budgets_of(arch) and method != "boosting":
-        train_with_budgets(scale, name, run, acts, scale.budgets_of(arch), budget_evaluator(scale, acts, spliced, name),
-                           progress)
+    if spliced is not None and (scale.budgets_of(arch) or method == "boosting"):
+        budgets = () if method == "boosting" else scale.budgets_of(arch)  # boosting: its last step only
+        train_with_budgets(scale, name, run, acts, budgets, budget_evaluator(scale, acts, spliced, name), progress)
     return common.ensure_run(scale, name, run, acts, progress)
+
+
+BUDGET_KEYS = ("steps", "tokens", "single")  # what a budget record holds besides the ensemble's metrics
 
 
 def budget_evaluator(scale: common.Scale, acts, spliced: common.Spliced, name: str):
@@ -70,7 +74,15 @@ def budget_evaluator(scale: common.Scale, acts, spliced: common.Spliced, name: s
 
 
 def evaluate_run(scale, acts, spliced: common.Spliced, ens, info: dict[str, Any]) -> dict[str, Any]:
+    """The run's metrics; a run evaluated at its last step as it trained (budget_evaluator, the same
+    computation on the same contexts) reuses that record instead of evaluating again."""
     def compute():
+        trained = Path(info.get("member_of", info["run_dir"])).name  # the run that was evaluated as it trained
+        steps = info["train_steps"] // (ens.n_members if ens.sequential else 1)  # a budget record counts one stage's
+        final = evals_dir(scale, trained) / f"eval-budget-{steps}.json"
+        if final.is_file():
+            rec = json.loads(final.read_text())
+            return rec["single"] if "member_of" in info else {k: v for k, v in rec.items() if k not in BUDGET_KEYS}
         return {**common.intrinsic_metrics(ens, acts, scale), **spliced.fast(ens)}
 
     path = common.run_path(info) / f"eval-{NAME}-{spliced.contexts.shape[0]}ctx.json"

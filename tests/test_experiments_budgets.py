@@ -208,3 +208,34 @@ def test_a_comparison_across_budgets_is_judged_against_the_paper_with_its_noise(
     assert stays["change"] == "persists" and stays["gap_trend"] == "widens"
     missing = judge([pt(100, (1.0, 0.1), (3.0, 0.1))], "mse", "boosting", "expanded", "lower")
     assert missing["change"] == "n/a" and len(missing["per_budget"]) == 1
+
+
+def test_table_one_evaluates_each_run_once_and_reads_its_last_budget_record(work, monkeypatch):
+    """Every run of table 1 is evaluated at its last step as it trains (boosting included); the
+    table's evaluation reads that record (the single SAE: bagging's member-0 entry) instead of
+    computing the same metrics on the same contexts again."""
+    from experiments import intrinsic
+
+    scale = _scale(members=2, budgets=(64 * 4,))
+    acts = ArrayActivations(np.random.default_rng(0).standard_normal((2000, 8)).astype(np.float32), 0.1)
+    calls = []
+
+    def metrics_of(ens, acts, scale):
+        calls.append(ens.n_members)
+        return {"fvu": float(np.abs(np.asarray(ensemble.decoder(ens))).sum())}
+
+    class Spliced:
+        contexts = np.zeros((3, 4))
+
+        def fast(self, ens):
+            return {"delta_lm_loss": float(ens.n_members)}
+
+    monkeypatch.setattr(common, "intrinsic_metrics", metrics_of)
+    spliced = Spliced()
+    for method in ("single", "expanded", "bagging", "boosting"):
+        ens, info = intrinsic.table_run(scale, acts, "topk", method, 0, False, spliced)
+        trained = len(calls)
+        out = intrinsic.evaluate_run(scale, acts, spliced, ens, info)
+        assert len(calls) == trained, method  # nothing evaluated twice
+        assert out["fvu"] == pytest.approx(metrics_of(ens, acts, scale)["fvu"], rel=1e-6), method
+        assert out["delta_lm_loss"] == float(ens.n_members) and "single" not in out and "steps" not in out
