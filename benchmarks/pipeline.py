@@ -7,6 +7,9 @@
    logging, checkpoints, each stage's residual pass) for bagging J and boosting J on the same
    cache and token budget per member, at each budget of --epochs; member-tokens/s = J * tokens /
    wall seconds. `python -m benchmarks` runs this too.
+3. boosting's residual pass, per training row: one stage's forward alone (the link, on rows already
+   on the device) against building stage 1's residual file from the cache (read, scale, link,
+   write), so the pass's cost splits into compute and the file's reads and writes.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from benchmarks.harness import loadavg
 from saeens import train
@@ -29,6 +34,7 @@ from saeens.data.cache import ActivationCache, cache_from_array
 from saeens.data.source import CacheSource
 from saeens.io.files import atomic_write_json
 from saeens.synthetic import make_synthetic
+from saeens.train import residual
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +86,33 @@ def host_vs_step(s: PipelineSizes, cache: ActivationCache, out: Path, steps: int
             "fit_tokens_per_s_prefetch_off": tokens / fit_s[0], "fit_tokens_per_s_prefetch_on": tokens / fit_s[2]}
 
 
+def residual_pass(s: PipelineSizes, cache: ActivationCache, out: Path) -> dict:
+    """Microseconds per training row of boosting's residual pass: the whole build of stage 1's file,
+    and the link alone (the compiled stage forward over as many CHUNK_ROWS-row chunks, no host
+    work). The build's fixed costs (the digest, the marker) count in it: small beside a real cache."""
+    run = RunConfig(SAEConfig(d_in=s.d, width=s.m, k=s.k, dead_tokens=10**9),
+                    TrainConfig(n_tokens=s.rows // s.batch * s.batch, batch_size=s.batch, checkpoint_every=0),
+                    EnsembleConfig("boosting", 2))
+    src = CacheSource(cache)
+    state = train.build_method(run, residual_cache=True).init(jax.random.key(0), jnp.asarray(src.init_sample(4096, 0)))
+    link, stage0 = residual._link(run.sae), jax.tree.map(lambda a: a[0], state.params)
+    chunk = jnp.asarray(src.rows(np.arange(residual.CHUNK_ROWS) % src.n_train))
+    jax.block_until_ready(link(stage0, chunk))  # compiled once: the build below reuses the program
+    out.mkdir(parents=True)
+    t = time.perf_counter()
+    built = residual.stage_source(out, src, state, run.sae, run.train, 1, 2)
+    build_s = time.perf_counter() - t
+    n_rows = len(built.rows_U)
+    t = time.perf_counter()
+    for _ in range(-(-n_rows // residual.CHUNK_ROWS)):  # the build's chunks, its last one padded as there
+        r = link(stage0, chunk)
+    jax.block_until_ready(r)
+    link_s = time.perf_counter() - t
+    return {"rows": n_rows, "train_rows": src.n_train, "bytes_written": int(built.r_UD.nbytes),
+            "link_us_per_row": 1e6 * link_s / n_rows, "build_us_per_row": 1e6 * build_s / n_rows,
+            "link_share_of_build": link_s / build_s}
+
+
 def train_cli(s: PipelineSizes, cache: Path, out: Path, method: str) -> dict:
     """One `saeens train` in a fresh process; its wall time and the loop's own seconds."""
     tokens = int(s.rows * s.epochs) // s.batch * s.batch
@@ -105,7 +138,8 @@ def run(s: PipelineSizes, epochs: tuple[float, ...] = EPOCHS) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         cache = _cache(s, tmp / "acts")
-        report = {"sizes": dataclasses.asdict(s), "host_vs_step": host_vs_step(s, cache, tmp / "fits"), "train_cli": []}
+        report = {"sizes": dataclasses.asdict(s), "host_vs_step": host_vs_step(s, cache, tmp / "fits"),
+                  "residual_pass": residual_pass(s, cache, tmp / "residual"), "train_cli": []}
         for e in epochs:
             se = dataclasses.replace(s, epochs=e)
             rows = [train_cli(se, cache.path, tmp / f"{method}-{e}", method) for method in ("bagging", "boosting")]
@@ -120,6 +154,10 @@ def format_report(r: dict) -> str:
              f"host per step {1e3 * h['host_s_per_step']:.1f} ms (read + check + device_put), step {1e3 * h['step_s']:.1f} ms "
              f"(host/step {h['host_over_step']:.2f}); fit {h['fit_tokens_per_s_prefetch_off']:.0f} tok/s prefetch off, "
              f"{h['fit_tokens_per_s_prefetch_on']:.0f} tok/s prefetch on"]
+    rp = r["residual_pass"]
+    lines.append(f"boosting residual pass: {rp['build_us_per_row']:.1f} us per row ({rp['rows']} rows, "
+                 f"{rp['bytes_written'] / 1e6:.0f} MB written), of which the stage forward {rp['link_us_per_row']:.1f} us "
+                 f"({rp['link_share_of_build']:.0%}); the rest reads, checks and writes rows")
     for budget in r["train_cli"]:
         for row in budget["rows"]:
             lines.append(f"{budget['epochs']:g} epoch(s): saeens train --method {row['method']:<8} J={row['J']}: "
