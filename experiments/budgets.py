@@ -39,6 +39,11 @@ def evals_dir(scale: common.Scale, name: str) -> Path:
     return d
 
 
+def record_path(scale: common.Scale, name: str, steps: int) -> Path:
+    """Where run `name`'s evaluation at `steps` (one stage's steps for boosting) is kept."""
+    return evals_dir(scale, name) / f"eval-budget-{steps}.json"
+
+
 def keep_decoder(keep: Path, ens, steps: int) -> None:
     """Save the ensemble's decoder at this budget beside its evaluation: stability at a budget needs
     every run's decoder there, and the runs only hold their latest state."""
@@ -78,7 +83,7 @@ def train_with_budgets(scale: common.Scale, name: str, run: RunConfig, acts, tok
     out_dir = common.results_dir(scale) / "budgets"
     records = []
     for steps in budget_steps(run, tokens):
-        path = evals_dir(scale, name) / f"eval-budget-{steps}.json"
+        path = record_path(scale, name, steps)
         if not path.is_file():
             done = _latest_step(rd)
             if (rd / "ensemble.json").is_file() and steps == run.train.n_steps:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from experiments import common
-from experiments.budgets import evals_dir, keep_decoder, train_with_budgets
+from experiments.budgets import evals_dir, keep_decoder, record_path, train_with_budgets
 from saeens import ensemble, metrics
 
 NAME = "intrinsic"
@@ -79,7 +79,7 @@ def evaluate_run(scale, acts, spliced: common.Spliced, ens, info: dict[str, Any]
     def compute():
         trained = Path(info.get("member_of", info["run_dir"])).name  # the run that was evaluated as it trained
         steps = info["train_steps"] // (ens.n_members if ens.sequential else 1)  # a budget record counts one stage's
-        final = evals_dir(scale, trained) / f"eval-budget-{steps}.json"
+        final = record_path(scale, trained, steps)
         if final.is_file():
             rec = json.loads(final.read_text())
             return rec["single"] if "member_of" in info else {k: v for k, v in rec.items() if k not in BUDGET_KEYS}

@@ -56,7 +56,6 @@ def estimate(scale: common.Scale, d_in: int = 576) -> dict[str, dict[str, float]
             "across_budgets": {"topk": twins.pop("topk"), "dense": sum(twins.values())}, "pareto": {"topk": pa}}
 
 
-
 def print_estimate(scale: common.Scale) -> dict:
     """Measure this machine's throughput at the scale's shapes and print the planned hours per part."""
     out = {"scale": scale.name, "training_tflop": estimate(scale), **planned.plan(estimate(scale), planned.measure(scale))}
