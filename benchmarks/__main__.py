@@ -1,6 +1,7 @@
 """python -m benchmarks [--quick] [--json OUT]: every case, readable tables, optional JSON.
 
-Single-SAE steps (dense and sparse TopK/BatchTopK, with and without dead latents), the bagging
+Single-SAE steps (dense and sparse TopK/BatchTopK, with and without dead latents; dense ReLU and
+JumpReLU), the bagging
 J-ratio, memory per member, our sparse TopK step side by side with EleutherAI sparsify's
 (benchmarks/peer.py; skipped with a line when sparsify is not installed), then the input pipeline's
 host time per step vs step time and boosting vs bagging J = 8 end to end through `saeens train`
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                     "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
                     "loadavg_start": loadavg(), "xla_flags": os.environ.get("XLA_FLAGS", "")},
         "data": "a fixed random batch (normal rows + a common offset), reused every step",
-        "flop_model": "see benchmarks/harness.py: dense 18*B*d*m (12 main + 6 AuxK, always computed); "
+        "flop_model": "see benchmarks/harness.py: dense 18*B*d*m for TopK/BatchTopK (12 main + 6 AuxK, always "
+                      "computed), 12*B*d*m for ReLU/JumpReLU; "
                       "sparse 2*B*d*m + 8*B*k*d (+ 10*B*d*256 per block of 256 dead latents)",
         "cases": [],
         "bagging": [],
@@ -103,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"matmul [B,d]x[d,m]: {matmul_time(s) * 1e3:.1f} ms", flush=True)
     plan = [(arch, kern, 0) for arch in ("topk", "batchtopk") for kern in kernels_]
     plan += [("topk", kern, n_dead) for kern in kernels_]
+    plan += [(arch, "dense", 0) for arch in ("relu", "jumprelu") if "dense" in kernels_]  # no sparse kernel
     for arch, kern, nd in plan:
         row = single_case(s, arch, kern, nd)
         report["cases"].append(row)

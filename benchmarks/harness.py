@@ -104,9 +104,9 @@ def enc_flops(s: Sizes) -> float:
     return 2.0 * s.batch * s.d * s.m
 
 
-def model_flops(s: Sizes, kernel: str, n_dead: int = 0) -> float:
-    if kernel == "dense":
-        return 18.0 * s.batch * s.d * s.m
+def model_flops(s: Sizes, kernel: str, n_dead: int = 0, arch: str = "topk") -> float:
+    if kernel == "dense":  # ReLU and JumpReLU have no AuxK
+        return (18.0 if arch in ("topk", "batchtopk") else 12.0) * s.batch * s.d * s.m
     blocks = -(-n_dead // auxk.AUX_BLOCK)
     return enc_flops(s) + 8.0 * s.batch * s.k * s.d + 10.0 * s.batch * s.d * min(s.m, auxk.AUX_BLOCK) * blocks
 
@@ -167,7 +167,7 @@ def single_case(s: Sizes, arch: str, kernel: str, n_dead: int = 0) -> dict[str, 
     return {
         "case": f"{arch} single" + (f" dead={n_dead}" if n_dead else ""), "arch": arch, "kernel": kernel,
         "members": 1, "n_dead_start": n_dead, **timing,
-        **_rates(s, timing["min_s"], t_mm, model_flops(s, kernel, n_dead)),
+        **_rates(s, timing["min_s"], t_mm, model_flops(s, kernel, n_dead, arch)),
         "state_bytes_per_member": tree_bytes(box["state"]),
         "peak_rss_mb_so_far": peak_rss_mb(), "loadavg_before": load0, "loadavg_after": loadavg(),
         "dead_fraction_end": metrics.get("dead_fraction"), "l0_end": metrics.get("l0"),
@@ -211,7 +211,7 @@ def bagging_case(s: Sizes, kernel: str, J: int, arch: str = "topk") -> dict[str,
     return {
         "case": f"bagging J={J}", "arch": arch, "kernel": kernel, "members": J,
         "bagging": bag, "sequential": seq, "median_s": bag["median_s"], "min_s": tb,
-        **_rates(s, tb, t_mm, J * model_flops(s, kernel), members=J),
+        **_rates(s, tb, t_mm, J * model_flops(s, kernel, arch=arch), members=J),
         "sequential_member_tokens_per_s": J * s.batch / ts,
         "vmap_over_sequential": ts / tb,
         "state_bytes_per_member": state_bytes / J,

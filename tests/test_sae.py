@@ -113,6 +113,29 @@ def test_loss_matches_numpy(arch):
     np.testing.assert_allclose(float(loss), mse + penalty, rtol=1e-5)
 
 
+def test_relu_loss_gradients_match_numpy():
+    """Every parameter's gradient, b_dec's included (it enters the encoder and the decoder)."""
+    cfg, p = _params("relu")
+    x = np.random.default_rng(5).normal(size=(12, 8)).astype(np.float32)
+    grads, _ = jax.grad(sae.loss, has_aux=True)(p, cfg, x, jnp.zeros((cfg.width,), bool))
+    W_enc, b_enc, W_dec, b_dec = (np.asarray(p[n], np.float64) for n in ("W_enc", "b_enc", "W_dec", "b_dec"))
+    B = x.shape[0]
+    xc = x - b_dec
+    pre = xc @ W_enc + b_enc
+    codes = np.maximum(pre, 0)
+    norms = np.linalg.norm(W_dec, axis=1)
+    d_xhat = -2 * (x - codes @ W_dec - b_dec) / B
+    d_pre = (d_xhat @ W_dec.T + cfg.l1_coeff * norms / B) * (pre > 0)
+    expected = {
+        "W_enc": xc.T @ d_pre,
+        "b_enc": d_pre.sum(0),
+        "W_dec": codes.T @ d_xhat + cfg.l1_coeff / B * codes.sum(0)[:, None] * W_dec / norms[:, None],
+        "b_dec": d_xhat.sum(0) - d_pre.sum(0) @ W_enc.T,
+    }
+    for name, g in expected.items():
+        np.testing.assert_allclose(grads[name], g, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
 def test_auxk_uses_dead_latents_only():
     cfg, p = _params("topk")
     x = np.random.default_rng(4).normal(size=(16, 8)).astype(np.float32)
