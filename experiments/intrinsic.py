@@ -42,11 +42,7 @@ def table_run(scale: common.Scale, acts, arch: str, method: str, seed: int, prog
     expanded and bagging runs are also evaluated at the scale's budgets as they train
     (experiments/budgets.py; boosting's stage length is its budget, so it is evaluated at its end only)."""
     if method == "single":
-        bag, info = table_run(scale, acts, arch, "bagging", seed, progress, spliced)
-        J = bag.n_members
-        return ensemble.single(bag.cfg, ensemble.member(bag, 0)), {
-            **info, "run_dir": f"{info['run_dir']}/member-0", "member_of": info["run_dir"],
-            "train_seconds": info["train_seconds"] / J, "train_flops": info["train_flops"] / J}
+        return member_zero(*table_run(scale, acts, arch, "bagging", seed, progress, spliced))
     J = scale.members
     run = common.run_config(scale, acts.d_in, arch, method, J, seed)
     name = common.run_name(arch, method, J, seed, scale.k)
@@ -54,6 +50,15 @@ def table_run(scale: common.Scale, acts, arch: str, method: str, seed: int, prog
         budgets = () if method == "boosting" else scale.budgets_of(arch)  # boosting: its last step only
         train_with_budgets(scale, name, run, acts, budgets, budget_evaluator(scale, acts, spliced, name), progress)
     return common.ensure_run(scale, name, run, acts, progress)
+
+
+def member_zero(bag, info: dict[str, Any]):
+    """A bagging run's member 0 as the single SAE it is (run_dir <bagging run>/member-0), with its
+    share of the run's training time and FLOPs."""
+    J = bag.n_members
+    return ensemble.single(bag.cfg, ensemble.member(bag, 0)), {
+        **info, "run_dir": f"{info['run_dir']}/member-0", "member_of": info["run_dir"],
+        "train_seconds": info["train_seconds"] / J, "train_flops": info["train_flops"] / J}
 
 
 BUDGET_KEYS = ("steps", "tokens", "single")  # what a budget record holds besides the ensemble's metrics

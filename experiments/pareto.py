@@ -4,7 +4,8 @@ Single SAE, expanded SAE (J*m latents, same k: its L0 is k), bagging and boostin
 members of m latents: their L0 is the SUM of the members' L0, about J*k) for k in pareto_ks, seed 0.
 At the table's k the single SAE is table 1's, and bagging/boosting are the first pareto_members
 members/stages of table 1's seed-0 ensembles (a prefix is an ensemble of that size); the other
-points are trained here. Writes results/pareto.{json,md,png}.
+points are trained here, the single SAE at another k being member 0 of that k's bagging run (as in
+table 1: it costs no run of its own). Writes results/pareto.{json,md,png}.
 
     python -m experiments.pareto --scale full
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from experiments import common
-from experiments.intrinsic import table_run
+from experiments.intrinsic import member_zero, table_run
 from saeens import ensemble
 
 NAME = "pareto"
@@ -29,9 +30,10 @@ def point_ensemble(scale: common.Scale, acts, method: str, k: int, progress: boo
         equivalent = common.run_config(scale, acts.d_in, "topk", method, J, 0)  # what a J-member run costs
         return ensemble.prefix(ens, J), {**info, "sliced_from": scale.members, "train_seconds": float("nan"),
                                        "train_flops": common.train_flops(equivalent, acts.n_rows("train"))}
-    Jm = 1 if method == "single" else J
-    run = common.run_config(scale, acts.d_in, "topk", method, Jm, 0, k=k)
-    return common.ensure_run(scale, common.run_name("topk", method, Jm, 0, k), run, acts, progress)
+    if method == "single":
+        return member_zero(*point_ensemble(scale, acts, "bagging", k, progress))
+    run = common.run_config(scale, acts.d_in, "topk", method, J, 0, k=k)
+    return common.ensure_run(scale, common.run_name("topk", method, J, 0, k), run, acts, progress)
 
 
 def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dict[str, Any] | None:

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from experiments import across_budgets, common, convergence, intrinsic, report, run_all
+from experiments import across_budgets, common, convergence, intrinsic, pareto, report, run_all
 
 
 @pytest.fixture
@@ -65,3 +65,19 @@ def test_gpu_scale_command_path_at_toy_size(toy_gpu, tmp_path, capsys):
     assert (results / "stability" / "budgets" / "topk-single-T512-s0.npy").is_file()
     text = (results / "findings.md").read_text()
     assert "chance level" in text and "as the budget grows" in text and "512 tokens:" in text
+
+
+def test_pareto_front_at_toy_size_takes_each_single_sae_from_a_bagging_run(toy_gpu, tmp_path):
+    """Every method at the table's k and at another k; at the other k the single SAE is member 0
+    of that k's bagging run (no single run is trained), as in table 1."""
+    scale = dataclasses.replace(toy_gpu, pareto_ks=(4, 8), pareto_members=2)
+    result = pareto.main(scale, progress=False)
+    points = result["points"]
+    assert {m: [p["k"] for p in points[m]] for m in points} == {m: [4, 8] for m in common.METHODS}
+    single8 = points["single"][1]
+    assert single8["member_of"].endswith("topk-k8-bagging-J2-s0") and single8["run_dir"].endswith("/member-0")
+    assert single8["l0"] <= 8 and points["bagging"][1]["l0"] > single8["l0"]  # bagging's L0: the members' sum
+    assert single8["train_flops"] == pytest.approx(points["bagging"][1]["train_flops"] / 2)
+    assert not any("single" in p.name for p in (common.WORK / "gpu" / "runs").iterdir())
+    results = tmp_path / "experiments" / "results" / "gpu"
+    assert {p.name for p in results.glob("pareto.*")} == {"pareto.json", "pareto.md", "pareto.png"}
