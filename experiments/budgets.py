@@ -93,9 +93,8 @@ def train_with_budgets(scale: common.Scale, name: str, run: RunConfig, acts, tok
             else:
                 if progress:
                     print(f"training {name} to step {steps * per} of {run.train.n_steps * per}")
-                info_path = rd.with_name(f"{name}.wall_seconds.json")
-                ens, seconds = common.timed(lambda: fit(rd, run, acts, progress=progress, stop_after=steps * per - done))
-                common.add_seconds(info_path, seconds)
+                with common.clock(common.wall_seconds_path(rd)):
+                    ens = fit(rd, run, acts, progress=progress, stop_after=steps * per - done)
             common.cached_json(path, lambda: {"steps": steps, "tokens": steps * run.train.batch_size,
                                               **evaluate(ens, steps)})
         rec = json.loads(path.read_text())

@@ -36,12 +36,15 @@ the counts above are dense-model FLOPs, the measure the methods are compared on.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
 import math
 import os
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -135,10 +138,6 @@ def cached_json(path: Path, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------- data and model
@@ -165,11 +164,10 @@ def get_cache(scale: Scale, progress: bool = True):
     out = WORK / f"cache-{scale.name}"
     meta = read_meta(out)
     if not (meta and meta.get("complete")):
-        t0 = time.perf_counter()
-        build_cache(MODEL, LAYER, SITE, corpus_documents(), scale.cache_tokens, out,
-                    context_length=scale.context_length, batch_size=scale.batch_forward,
-                    test_fraction=TEST_FRACTION, seed=SPLIT_SEED, progress=progress)
-        add_seconds(out.parent / f"cache-{scale.name}.seconds.json", time.perf_counter() - t0)
+        with clock(out.parent / f"cache-{scale.name}.seconds.json"):
+            build_cache(MODEL, LAYER, SITE, corpus_documents(), scale.cache_tokens, out,
+                        context_length=scale.context_length, batch_size=scale.batch_forward,
+                        test_fraction=TEST_FRACTION, seed=SPLIT_SEED, progress=progress)
     return ActivationCache(out)
 
 
@@ -243,6 +241,48 @@ def add_seconds(path: Path, seconds: float) -> float:
     return total
 
 
+def wall_seconds_path(run_dir: Path) -> Path:
+    """Where a run's training wall time is summed (beside the run: fit owns the run directory)."""
+    return run_dir.with_name(f"{run_dir.name}.wall_seconds.json")
+
+
+@contextlib.contextmanager
+def clock(path: Path, every: float = 30.0, beat: float = 2.0) -> Iterator[None]:
+    """Add the wall time spent inside to the seconds file at `path`, every `every` seconds as well
+    as at the end: a session killed mid-run (SIGKILL runs no `finally`) loses at most one interval
+    of the run's time, not the whole session's. A heartbeat every `beat` seconds that arrives more
+    than 5 beats late means the process was stopped (SIGSTOP, to time something else alone) or the
+    machine slept: that gap counts one beat, not its length."""
+    stop = threading.Event()
+    state = {"last": time.perf_counter(), "pending": 0.0, "written": time.perf_counter()}
+
+    def tick() -> None:
+        now = time.perf_counter()
+        gap = now - state["last"]
+        state["pending"] += beat if gap > 5 * beat else gap
+        state["last"] = now
+
+    def flush() -> None:
+        add_seconds(path, state["pending"])
+        state["pending"], state["written"] = 0.0, time.perf_counter()
+
+    def run() -> None:
+        while not stop.wait(beat):
+            tick()
+            if time.perf_counter() - state["written"] >= every:
+                flush()
+
+    beater = threading.Thread(target=run, daemon=True)
+    beater.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beater.join()
+        tick()
+        flush()
+
+
 def ensure_run(scale: Scale, name: str, run: RunConfig, acts, progress: bool = True):
     """Train (or resume, or load) the run `name`: (ensemble, info with run_dir, train_seconds, train_flops).
 
@@ -254,17 +294,14 @@ def ensure_run(scale: Scale, name: str, run: RunConfig, acts, progress: bool = T
     rd = runs_dir(scale) / name
     if (rd / runs.CONFIG).is_file() and RunConfig.load(rd / runs.CONFIG) != run:  # fit records and checks it
         raise SaeensError(f"{rd} was trained with other settings: delete it (or {WORK / scale.name}) to retrain")
-    seconds_path = rd.with_name(f"{name}.wall_seconds.json")  # beside the run: fit owns the run directory
+    seconds_path = wall_seconds_path(rd)
     if (rd / "ensemble.json").is_file():
         ens, _ = load_ensemble(rd)
     else:
         if progress:
             print(f"training {name} ({run.ensemble.method}, J={run.ensemble.members}, {run.train.n_steps} steps)")
-        t0 = time.perf_counter()
-        try:
+        with clock(seconds_path):
             fit(rd, run, acts, progress=progress)
-        finally:
-            add_seconds(seconds_path, time.perf_counter() - t0)
         ens, _ = load_ensemble(rd)  # the saved (float32, activation-unit) ensemble: same as a later load
     seconds = json.loads(seconds_path.read_text())["seconds"] if seconds_path.is_file() else float("nan")
     return ens, {"run_dir": rd.relative_to(WORK).as_posix(), "train_seconds": seconds,

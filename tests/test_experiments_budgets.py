@@ -5,8 +5,10 @@ and the planned-hours estimate."""
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -239,3 +241,33 @@ def test_table_one_evaluates_each_run_once_and_reads_its_last_budget_record(work
         assert len(calls) == trained, method  # nothing evaluated twice
         assert out["fvu"] == pytest.approx(metrics_of(ens, acts, scale)["fvu"], rel=1e-6), method
         assert out["delta_lm_loss"] == float(ens.n_members) and "single" not in out and "steps" not in out
+
+
+def _clocked_child(path, seconds, then=""):
+    """A process that spends `seconds` inside common.clock (short beats), touching path.started
+    once inside, then runs `then` there."""
+    code = ("import os, signal, sys, time\nfrom pathlib import Path\nfrom experiments import common\n"
+            "p = Path(sys.argv[1])\nwith common.clock(p, every=0.1, beat=0.02):\n"
+            f"    p.with_suffix('.started').touch()\n    time.sleep({seconds})\n    {then or 'pass'}\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    while not path.with_suffix(".started").exists() and proc.poll() is None:
+        time.sleep(0.01)
+    return proc
+
+
+def test_a_runs_clock_keeps_the_time_of_a_killed_session_and_skips_a_stopped_one(tmp_path):
+    """The wall time inside `common.clock` reaches its file while the run goes on, so a SIGKILL
+    (a session's end: no `finally` runs) loses one interval, not the session; time stopped by
+    SIGSTOP (the study paused to time something alone) is not counted."""
+    killed = tmp_path / "killed.json"
+    assert _clocked_child(killed, 1.0, "os.kill(os.getpid(), signal.SIGKILL)").wait() == -9
+    assert 0.5 <= json.loads(killed.read_text())["seconds"] <= 1.0 + 1e-6
+
+    paused = tmp_path / "paused.json"
+    proc = _clocked_child(paused, 2.0)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGSTOP)
+    time.sleep(1.2)
+    proc.send_signal(signal.SIGCONT)
+    assert proc.wait() == 0
+    assert 0.6 <= json.loads(paused.read_text())["seconds"] < 1.3  # 2 s inside, 1.2 of them stopped
