@@ -1,12 +1,11 @@
 """python -m benchmarks [--quick] [--json OUT]: every case, readable tables, optional JSON.
 
 Single-SAE steps (dense and sparse TopK/BatchTopK, with and without dead latents; dense ReLU and
-JumpReLU), the bagging
-J-ratio, memory per member, our sparse TopK step side by side with EleutherAI sparsify's
-(benchmarks/peer.py; skipped with a line when sparsify is not installed), then the input pipeline's
-host time per step vs step time and boosting vs bagging J = 8 end to end through `saeens train`
-(benchmarks/pipeline.py). Defaults d=576, m=4608,
-k=32, batch 4096 (minutes on a 2-core CPU; --quick is a smoke run). Rates use the minimum time.
+JumpReLU), the bagging J-ratio, memory per member, our sparse TopK step side by side with EleutherAI
+sparsify's (benchmarks/peer.py; skipped with a line when sparsify is not installed), then the input
+pipeline's host time per step vs step time and boosting vs bagging J = 8 end to end through `saeens
+train` (benchmarks/pipeline.py). Defaults d=576, m=4608, k=32, batch 4096 (minutes on a 2-core CPU;
+--quick is a smoke run). Rates use the minimum time.
 """
 
 from __future__ import annotations

@@ -138,8 +138,6 @@ def cached_json(path: Path, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-
-
 # ----------------------------------------------------------------------------- data and model
 
 
