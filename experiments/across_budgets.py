@@ -23,7 +23,7 @@ import numpy as np
 
 from experiments import common
 from experiments.budgets import budget_steps, decoder_path, evals_dir, train_with_budgets
-from experiments.intrinsic import arch_seeds, budget_evaluator, stability_of
+from experiments.intrinsic import arch_seeds, budget_evaluator, budget_stability
 from experiments.uncertainty import NO_DIFFERENCE, change, compare
 from saeens import metrics
 
@@ -77,15 +77,14 @@ def _with_decoders(scale: common.Scale, name: str, recs: list[dict[str, Any]]) -
     return [{**r, "decoder": decoder_path(evals_dir(scale, name), r["steps"])} for r in recs]
 
 
-def point(scale: common.Scale, arch: str, method: str, recs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One method at one budget over its independent runs: mean [t interval] of each metric, stability."""
+def point(scale: common.Scale, arch: str, method: str, recs: list[dict[str, Any]], d_in: int) -> dict[str, Any]:
+    """One method at one budget over its independent runs: mean [t interval] of each metric, and
+    stability where the runs' decoders there (or their committed vectors) are at hand."""
     out: dict[str, Any] = {"steps": recs[0]["steps"], "tokens": recs[0]["tokens"], "runs": len(recs)}
     for m in METRICS:
         out[m] = metrics.mean_ci([r[m] for r in recs])
     if len(recs) >= 2:
-        decs = [np.load(r["decoder"])[: r.get("member_rows")] for r in recs]
-        vectors = common.results_dir(scale) / "stability" / "budgets" / f"{arch}-{method}-T{recs[0]['tokens']}"
-        out.update(stability_of(decs, vectors))
+        out.update(budget_stability(scale, arch, method, recs, d_in))
     return out
 
 
@@ -104,12 +103,15 @@ def judge(points: list[dict[str, Any]], metric: str, a: str, b: str, paper: str)
         if a not in p["methods"] or b not in p["methods"]:
             continue
         ca, cb = _ci(p["methods"][a], metric), _ci(p["methods"][b], metric)
+        if not (np.isfinite(ca["mean"]) and np.isfinite(cb["mean"])):  # e.g. stability whose decoders were not kept
+            per.append({"tokens": p["tokens"], "steps": p["steps"], "gap": float("nan"), "verdict": "not measured"})
+            continue
         v = compare(ca, cb)
         raw.append(v)
         gaps.append(ca["mean"] - cb["mean"])
         per.append({"tokens": p["tokens"], "steps": p["steps"], "gap": gaps[-1],
                     "verdict": NO_DIFFERENCE if v == NO_DIFFERENCE else "agrees" if v == paper else "disagrees"})
-    if len(per) < 2:
+    if len(raw) < 2:
         return {"per_budget": per, "change": "n/a", "gap_trend": "n/a"}
     finite = all(np.isfinite(g) for g in (gaps[0], gaps[-1]))
     trend = "n/a" if not finite else "narrows" if abs(gaps[-1]) < abs(gaps[0]) else "widens"
@@ -131,7 +133,7 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
         points = []
         for st in steps:
             at = {m: [r for runs in per_method[m] for r in runs if r["steps"] == st] for m in common.METHODS}
-            at = {m: point(scale, arch, m, recs) for m, recs in at.items() if recs and len(recs) == seeds}
+            at = {m: point(scale, arch, m, recs, acts.d_in) for m, recs in at.items() if recs and len(recs) == seeds}
             points.append({"steps": st, "tokens": st * scale.batch_size, "methods": at})
         claims = [{"metric": metric, "a": a, "b": b, "paper": paper, "claim": claim,
                    **judge(points, metric, a, b, paper)} for metric, a, b, paper, claim in CLAIMS]
@@ -148,7 +150,8 @@ def claim_lines(result: dict[str, Any]) -> list[str]:
         for c in a["claims"]:
             if not c["per_budget"]:
                 continue
-            steps = "; ".join(f"{p['tokens']:,} tokens: {p['verdict']} (gap {p['gap']:+.3g})" for p in c["per_budget"])
+            steps = "; ".join(f"{p['tokens']:,} tokens: {p['verdict']}" + (f" (gap {p['gap']:+.3g})" if np.isfinite(p["gap"]) else "")
+                              for p in c["per_budget"])
             out.append(f"- {arch}, {c['claim']} ({c['metric']}, {c['a']} vs {c['b']}, {a['seeds']} runs): {steps}. "
                        f"Movement: {c['change']}, gap {c['gap_trend']}.")
     return out

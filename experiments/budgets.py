@@ -10,7 +10,8 @@ resume). Boosting is the exception: its stage length is the budget, so each budg
 Each evaluation is written twice: beside the run directory (in <run>.evals/, which `fit`, owner of
 the run directory, never sees; read back on a rerun) and as a small committable file under
 <results>/budgets/ (the run's name and steps), so a session that is cut short still leaves its
-finished evaluations to commit.
+finished evaluations to commit. The committed copy is the study's memory: a session's machine starts
+with an empty work directory, so a record found only there is read back, not evaluated again.
 """
 
 from __future__ import annotations
@@ -44,6 +45,20 @@ def record_path(scale: common.Scale, name: str, steps: int) -> Path:
     return evals_dir(scale, name) / f"eval-budget-{steps}.json"
 
 
+def committed_path(scale: common.Scale, name: str, steps: int) -> Path:
+    """The committable copy of record_path's record (<results>/budgets/<name>-<steps>.json)."""
+    return common.results_dir(scale) / "budgets" / f"{name}-{steps}.json"
+
+
+def read_record(scale: common.Scale, name: str, steps: int) -> dict[str, Any] | None:
+    """Run `name`'s evaluation at `steps` from the work directory or, when an earlier session made it,
+    from its committed copy; None when neither exists."""
+    for path in (record_path(scale, name, steps), committed_path(scale, name, steps)):
+        if path.is_file():
+            return json.loads(path.read_text())
+    return None
+
+
 def keep_decoder(keep: Path, ens, steps: int) -> None:
     """Save the ensemble's decoder at this budget beside its evaluation: stability at a budget needs
     every run's decoder there, and the runs only hold their latest state."""
@@ -68,9 +83,13 @@ def _latest_step(run_dir: Path) -> int:
 
 
 def train_with_budgets(scale: common.Scale, name: str, run: RunConfig, acts, tokens: Sequence[int],
-                       evaluate: Callable[[Any, int], dict[str, Any]], progress: bool = True) -> list[dict[str, Any]]:
-    """Train `name` to its end, evaluating (evaluate(ensemble, steps) -> metrics) at each budget in `tokens`
-    on the way; one record per budget: steps, tokens (steps x batch) and the metrics. A budget that
+                       evaluate: Callable[[Any, int], dict[str, Any]], progress: bool = True,
+                       decoders: bool = False) -> list[dict[str, Any]]:
+    """Train `name` to each budget in `tokens` and to its end, evaluating (evaluate(ensemble, steps) ->
+    metrics) and keeping the decoder (stability at that budget) at each; one record per budget: steps,
+    tokens (steps x batch) and the metrics. A budget whose record exists (here or committed) is read
+    back; with `decoders`, a run that must be trained anyway (its ensemble is not here, e.g. retrained
+    in a new session for its decoder) still stops at such a budget to keep its decoder. A budget that
     the run has already passed without an evaluation (it was trained before) is left out. Boosting:
     tokens must be empty, and steps and tokens are those of one stage (its budget)."""
     from saeens.train import fit, load_ensemble
@@ -80,25 +99,28 @@ def train_with_budgets(scale: common.Scale, name: str, run: RunConfig, acts, tok
         raise ValueError("boosting's stage length is its budget: train one boosting run per budget, with tokens=()")
     per = run.ensemble.members if boosting else 1  # fit counts the steps of every stage; a record, those of one
     rd = common.runs_dir(scale) / name
-    out_dir = common.results_dir(scale) / "budgets"
     records = []
     for steps in budget_steps(run, tokens):
-        path = record_path(scale, name, steps)
-        if not path.is_file():
+        rec = read_record(scale, name, steps)
+        kept = decoder_path(evals_dir(scale, name), steps)
+        if rec is None or (decoders and not kept.is_file()):
             done = _latest_step(rd)
             if (rd / "ensemble.json").is_file() and steps == run.train.n_steps:
                 ens, _ = load_ensemble(rd)
-            elif done > steps * per:
-                continue  # passed before budgets were asked for: nothing to evaluate at this step
+            elif done > steps * per or (rec is not None and (rd / "ensemble.json").is_file()):
+                ens = None  # passed before budgets (or decoders) were asked for: nothing to take at this step
             else:
                 if progress:
                     print(f"training {name} to step {steps * per} of {run.train.n_steps * per}")
                 with common.clock(common.wall_seconds_path(rd)):
                     ens = fit(rd, run, acts, progress=progress, stop_after=steps * per - done)
-            common.cached_json(path, lambda: {"steps": steps, "tokens": steps * run.train.batch_size,
-                                              **evaluate(ens, steps)})
-        rec = json.loads(path.read_text())
-        out_dir.mkdir(parents=True, exist_ok=True)
-        common.cached_json(out_dir / f"{name}-{steps}.json", lambda: rec)
+            if ens is not None:
+                keep_decoder(evals_dir(scale, name), ens, steps)
+                if rec is None:
+                    rec = common.cached_json(record_path(scale, name, steps), lambda: {
+                        "steps": steps, "tokens": steps * run.train.batch_size, **evaluate(ens, steps)})
+        if rec is None:
+            continue
+        common.cached_json(committed_path(scale, name, steps), lambda: rec)
         records.append(rec)
     return records

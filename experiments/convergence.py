@@ -17,13 +17,12 @@ copied to <results>/budgets/. Writes <results>/convergence.{json,md,png}.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from experiments import common
-from experiments.budgets import decoder_path, evals_dir, keep_decoder, train_with_budgets
+from experiments.budgets import decoder_path, evals_dir, train_with_budgets
 from saeens import metrics
 
 NAME = "convergence"
@@ -60,10 +59,9 @@ def _run(scale: common.Scale, d_in: int, method: str, J: int, seed: int, tokens:
     return f"{NAME}-{common.run_name('topk', method, J, seed, scale.k)}-T{tokens}", run
 
 
-def _evaluate(scale, acts, spliced: common.Spliced, keep: Path):
+def _evaluate(scale, acts, spliced: common.Spliced):
     def evaluate(ens, steps: int) -> dict[str, Any]:
         m = {**common.intrinsic_metrics(ens, acts, scale), **spliced.fast(ens)}
-        keep_decoder(keep, ens, steps)
         return {**m, "fvu_per_token": 1.0 - m["explained_variance_per_token"],
                 "fvu_pooled": 1.0 - m["explained_variance_pooled"]}
 
@@ -78,7 +76,7 @@ def curve(scale, acts, spliced, method: str, J: int, tokens: int, points: tuple[
     for seed in SEEDS:
         name, run = _run(scale, acts.d_in, method, J, seed, tokens)
         dirs.append(evals_dir(scale, name))
-        per_seed.append(train_with_budgets(scale, name, run, acts, points, _evaluate(scale, acts, spliced, dirs[-1]),
+        per_seed.append(train_with_budgets(scale, name, run, acts, points, _evaluate(scale, acts, spliced),
                                            progress))
     return summarize(per_seed, dirs)
 
@@ -90,7 +88,7 @@ def boosting_curve(scale, acts, spliced, J: int, points: tuple[int, ...], progre
         for i, seed in enumerate(SEEDS):
             name, run = _run(scale, acts.d_in, "boosting", J, seed, t)
             dirs.append(evals_dir(scale, name))
-            per_seed[i] += train_with_budgets(scale, name, run, acts, (), _evaluate(scale, acts, spliced, dirs[-1]),
+            per_seed[i] += train_with_budgets(scale, name, run, acts, (), _evaluate(scale, acts, spliced),
                                               progress)
     return summarize(per_seed, [dirs[i::len(SEEDS)] for i in range(len(SEEDS))])
 

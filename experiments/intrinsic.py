@@ -6,6 +6,11 @@ independent runs), stability across the independent runs, spliced LM loss on hel
 training wall time and training FLOPs (FLOP model: experiments/common.py). Writes
 results/intrinsic.{json,md} and intrinsic.png.
 
+A session's machine starts with an empty work directory, so the table is assembled from what earlier
+sessions committed: a row whose every run has its record in <results>/runs/ and whose stability is in
+<results>/stability/ is read back, not retrained. A row is trained within one session (its stability
+needs every run's decoder at once), and it leaves its stability at each smaller budget behind too.
+
     python -m experiments.intrinsic --scale full
 """
 
@@ -19,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from experiments import common
-from experiments.budgets import evals_dir, keep_decoder, record_path, train_with_budgets
+from experiments.budgets import budget_steps, decoder_path, evals_dir, read_record, train_with_budgets
 from saeens import ensemble, metrics
 
 NAME = "intrinsic"
@@ -48,7 +53,8 @@ def table_run(scale: common.Scale, acts, arch: str, method: str, seed: int, prog
     name = common.run_name(arch, method, J, seed, scale.k)
     if spliced is not None and (scale.budgets_of(arch) or method == "boosting"):
         budgets = () if method == "boosting" else scale.budgets_of(arch)  # boosting: its last step only
-        train_with_budgets(scale, name, run, acts, budgets, budget_evaluator(scale, acts, spliced, name), progress)
+        train_with_budgets(scale, name, run, acts, budgets, budget_evaluator(scale, acts, spliced, name), progress,
+                           decoders=True)
     return common.ensure_run(scale, name, run, acts, progress)
 
 
@@ -72,7 +78,6 @@ def budget_evaluator(scale: common.Scale, acts, spliced: common.Spliced, name: s
         if ens.n_members > 1 and not ens.sequential:
             one = ensemble.single(ens.cfg, ensemble.member(ens, 0))
             out["single"] = {**common.intrinsic_metrics(one, acts, scale), **spliced.fast(one)}
-        keep_decoder(evals_dir(scale, name), ens, steps)
         return out
 
     return evaluate
@@ -84,17 +89,55 @@ def evaluate_run(scale, acts, spliced: common.Spliced, ens, info: dict[str, Any]
     def compute():
         trained = Path(info.get("member_of", info["run_dir"])).name  # the run that was evaluated as it trained
         steps = info["train_steps"] // (ens.n_members if ens.sequential else 1)  # a budget record counts one stage's
-        final = record_path(scale, trained, steps)
-        if final.is_file():
-            rec = json.loads(final.read_text())
+        rec = read_record(scale, trained, steps)
+        if rec is not None:
             return rec["single"] if "member_of" in info else {k: v for k, v in rec.items() if k not in BUDGET_KEYS}
         return {**common.intrinsic_metrics(ens, acts, scale), **spliced.fast(ens)}
 
     path = common.run_path(info) / f"eval-{NAME}-{spliced.contexts.shape[0]}ctx.json"
     out = {**common.cached_json(path, compute), **info}
-    small = common.results_dir(scale) / "runs" / f"{Path(info['run_dir']).as_posix().replace('/', '_')}.json"
-    common.cached_json(small, lambda: out)  # committable as soon as the run is evaluated
+    common.cached_json(run_record_path(scale, info["run_dir"]), lambda: out)  # committable as soon as the run is evaluated
     return out
+
+
+def run_dir_of(scale: common.Scale, arch: str, method: str, seed: int) -> str:
+    """The run_dir (relative to WORK) that table_run's info gives for this row and seed."""
+    source = "bagging" if method == "single" else method
+    rd = f"{scale.name}/runs/{common.run_name(arch, source, scale.members, seed, scale.k)}"
+    return f"{rd}/member-0" if method == "single" else rd
+
+
+def run_record_path(scale: common.Scale, run_dir: str) -> Path:
+    """The committed record of one run's table-1 evaluation (its metrics and training info)."""
+    return common.results_dir(scale) / "runs" / f"{Path(run_dir).as_posix().replace('/', '_')}.json"
+
+
+def vectors_prefix(scale: common.Scale, arch: str, method: str, tokens: int | None = None) -> Path:
+    """Where a row's per-run max-cosine vectors (<prefix>-s<r>.npy) go; tokens: at a smaller budget."""
+    d = common.results_dir(scale) / "stability"
+    return d / f"{arch}-{method}" if tokens is None else d / "budgets" / f"{arch}-{method}-T{tokens}"
+
+
+def committed_row(scale: common.Scale, arch: str, method: str, seeds: int, d_in: int
+                  ) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
+    """(per-seed records, stability and Hungarian columns) of a row that earlier sessions finished,
+    read from the committed results; None when any part is missing (the row is then trained)."""
+    paths = [run_record_path(scale, run_dir_of(scale, arch, method, s)) for s in range(seeds)]
+    if not all(p.is_file() for p in paths):
+        return None
+    per_seed = [{"seed": s, **json.loads(p.read_text())} for s, p in enumerate(paths)]
+    if seeds < 2:
+        return per_seed, {}
+    prefix = vectors_prefix(scale, arch, method)
+    if prefix.with_suffix(".json").is_file():
+        return per_seed, json.loads(prefix.with_suffix(".json").read_text())
+    stab = read_stability(prefix, seeds, d_in)
+    if stab is None:
+        return None
+    counts = [int(r["n_features"]) for r in per_seed]
+    skipped = (f"> {scale.hungarian_max_features} features" if max(counts) > scale.hungarian_max_features
+               else "the runs' decoders were not kept (trained in an earlier session)")
+    return per_seed, {**stab, "hungarian_stability": float("nan"), "hungarian_skipped": skipped}
 
 
 def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dict[str, Any] | None:
@@ -105,18 +148,25 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
     rows, runs = [], {}
     for arch, seeds in arch_seeds(scale):
         for method in common.METHODS:
-            per_seed, decoders = [], []
-            for seed in range(seeds):
-                ens, info = table_run(scale, acts, arch, method, seed, progress, spliced)
-                per_seed.append({"seed": seed, **evaluate_run(scale, acts, spliced, ens, info)})
-                decoders.append(np.asarray(ensemble.decoder(ens)))
+            done = committed_row(scale, arch, method, seeds, acts.d_in)  # --force rewrites the table, not the runs
+            if done is not None:
+                per_seed, stab = done
+            else:
+                per_seed, decoders = [], []
+                for seed in range(seeds):
+                    ens, info = table_run(scale, acts, arch, method, seed, progress, spliced)
+                    per_seed.append({"seed": seed, **evaluate_run(scale, acts, spliced, ens, info)})
+                    decoders.append(np.asarray(ensemble.decoder(ens)))
+                stab = {}
+                if len(decoders) >= 2:
+                    prefix = vectors_prefix(scale, arch, method)
+                    stab = {**stability_of(decoders, prefix), **hungarian_of(decoders, scale)}
+                    common.cached_json(prefix.with_suffix(".json"), lambda: stab)
+                    keep_budget_stability(scale, arch, method, seeds, acts.d_in)
             row: dict[str, Any] = {"arch": arch, "method": method, "J": 1 if method == "single" else scale.members,
-                                   "n_features": per_seed[0]["n_features"], "runs": len(per_seed)}
+                                   "n_features": per_seed[0]["n_features"], "runs": len(per_seed), **stab}
             for m in METRICS:
                 row[m] = metrics.mean_ci([r[m] for r in per_seed])
-            if len(decoders) >= 2:
-                row.update(stability_of(decoders, common.results_dir(scale) / "stability" / f"{arch}-{method}"))
-                row.update(hungarian_of(decoders, scale))
             rows.append(row)
             runs[f"{arch}/{method}"] = per_seed
     result = {"scale": scale.name, "setting": setting(scale, acts), "rows": rows, "runs": runs}
@@ -139,10 +189,57 @@ def stability_of(decoders: list, vectors: Path | None = None) -> dict[str, Any]:
             others_GD = np.concatenate([W for q, W in enumerate(decoders) if q != r])
             best_F = np.asarray(metrics.max_cosine(W_FD, others_GD), np.float16)
             atomic_save_npy(vectors.with_name(f"{vectors.name}-s{r}.npy"), best_F)
-    chance = metrics.stability_chance([int(d.shape[0]) for d in decoders], int(decoders[0].shape[1]))["stability"]
+    return _stability_columns(s, [int(d.shape[0]) for d in decoders], int(decoders[0].shape[1]))
+
+
+def read_stability(vectors: Path, runs: int, d_in: int) -> dict[str, Any] | None:
+    """stability_of's columns from its committed vectors (each run's score is the mean of its
+    clipped max cosines, as in saeens.metrics.stability_scores); None when a run's vector is missing."""
+    paths = [vectors.with_name(f"{vectors.name}-s{r}.npy") for r in range(runs)]
+    if not all(p.is_file() for p in paths):
+        return None
+    best = [np.load(p).astype(np.float32) for p in paths]
+    return _stability_columns(metrics.mean_ci([float(np.maximum(b, 0.0).mean()) for b in best]),
+                              [b.size for b in best], d_in)
+
+
+def _stability_columns(s: dict[str, Any], counts: list[int], d_in: int) -> dict[str, Any]:
+    chance = metrics.stability_chance(counts, d_in)["stability"]
     return {"stability": s["mean"], "stability_ci_low": s["ci_low"], "stability_ci_high": s["ci_high"],
             "stability_scores": s["scores"], "stability_chance": chance,
             "stability_over_chance": metrics.over_chance(s["mean"], chance)}
+
+
+def budget_stability(scale: common.Scale, arch: str, method: str, recs: list[dict[str, Any]], d_in: int
+                     ) -> dict[str, Any]:
+    """Stability at one smaller budget over the runs of `recs` (each with the path of its kept
+    `decoder` and, for the single SAE, the `member_rows` of bagging's decoder that are its own): from
+    the decoders when every one is at hand (its vectors committed), else from the committed vectors,
+    else nothing (the decoders went with an earlier session's machine). At table 1's own budget the
+    row's vectors are the same numbers."""
+    prefix = vectors_prefix(scale, arch, method, recs[0]["tokens"])
+    if all(Path(r["decoder"]).is_file() for r in recs):
+        return stability_of([np.load(r["decoder"])[: r.get("member_rows")] for r in recs], prefix)
+    table_tokens = common.run_config(scale, d_in, arch, "bagging", scale.members, 0).train.n_steps * scale.batch_size
+    if recs[0]["tokens"] == table_tokens:
+        prefix = vectors_prefix(scale, arch, method)
+    return read_stability(prefix, len(recs), d_in) or {}
+
+
+def keep_budget_stability(scale: common.Scale, arch: str, method: str, seeds: int, d_in: int) -> None:
+    """Commit a just-trained row's stability at each smaller budget while its runs' decoders there
+    are at hand (table 1 across budgets reads it in a later session). Boosting has no smaller budget:
+    its runs there are twins of their own (experiments/across_budgets.py)."""
+    if method == "boosting":
+        return
+    source = "bagging" if method == "single" else method
+    run = common.run_config(scale, d_in, arch, source, scale.members, 0)
+    for steps in budget_steps(run, scale.budgets_of(arch))[:-1]:
+        recs = [{"tokens": steps * scale.batch_size, "member_rows": scale.width if method == "single" else None,
+                 "decoder": decoder_path(evals_dir(scale, common.run_name(arch, source, scale.members, s, scale.k)),
+                                         steps)} for s in range(seeds)]
+        if all(r["decoder"].is_file() for r in recs):
+            budget_stability(scale, arch, method, recs, d_in)
 
 
 def hungarian_of(decoders: list, scale: common.Scale) -> dict[str, Any]:

@@ -243,6 +243,64 @@ def test_table_one_evaluates_each_run_once_and_reads_its_last_budget_record(work
         assert out["delta_lm_loss"] == float(ens.n_members) and "single" not in out and "steps" not in out
 
 
+def test_a_row_finished_in_an_earlier_session_is_read_back_from_its_committed_results(work, monkeypatch):
+    """A session's machine starts with an empty work directory: a table-1 row whose records and
+    stability vectors were committed is assembled from them (stability as computed from the decoders),
+    its budget records and its stability at the smaller budget are read back, and nothing trains."""
+    import shutil
+
+    from experiments import across_budgets, intrinsic
+
+    scale = _scale(members=2, budgets=(64 * 4,))
+    acts = ArrayActivations(np.random.default_rng(0).standard_normal((2000, 8)).astype(np.float32), 0.1)
+    from saeens.train import fit
+
+    calls = []
+    monkeypatch.setattr(common, "intrinsic_metrics", lambda ens, acts, scale: calls.append(1) or {
+        "n_features": int(ensemble.decoder(ens).shape[0]),
+        **{m: float(ens.n_members) for m in across_budgets.METRICS if m != "delta_lm_loss"}})
+
+    class Spliced:
+        contexts = np.zeros((3, 4))
+
+        def fast(self, ens):
+            return {"delta_lm_loss": 0.5}
+
+    spliced = Spliced()
+    per_seed, decoders = {}, {}
+    for method in ("single", "bagging"):
+        per_seed[method], decoders[method] = [], []
+        for seed in range(2):
+            ens, info = intrinsic.table_run(scale, acts, "topk", method, seed, False, spliced)
+            per_seed[method].append({"seed": seed, **intrinsic.evaluate_run(scale, acts, spliced, ens, info)})
+            decoders[method].append(np.asarray(ensemble.decoder(ens)))
+        intrinsic.keep_budget_stability(scale, "topk", method, 2, 8)
+    stab = intrinsic.stability_of(decoders["bagging"], intrinsic.vectors_prefix(scale, "topk", "bagging"))
+    live = across_budgets.records(scale, acts, spliced, "topk", "bagging", 0, False)
+    at_4 = [across_budgets.records(scale, acts, spliced, "topk", m, s, False)[0] for m in ("single",) for s in range(2)]
+    live_point = across_budgets.point(scale, "topk", "single", at_4, 8)
+
+    shutil.rmtree(work / "tiny")  # what a new session finds: the committed results, no runs, no decoders
+    monkeypatch.setattr("saeens.train.fit", lambda *a, **k: pytest.fail("a committed row was trained again"))
+    got, got_stab = intrinsic.committed_row(scale, "topk", "bagging", 2, 8)
+    assert got == per_seed["bagging"]
+    assert got_stab["stability"] == pytest.approx(stab["stability"], abs=2e-3)  # float16 vectors
+    assert got_stab["stability_chance"] == stab["stability_chance"]
+    assert np.isnan(got_stab["hungarian_stability"]) and "not kept" in got_stab["hungarian_skipped"]
+    assert intrinsic.committed_row(scale, "topk", "single", 2, 8) is None  # its vectors were never written
+    assert across_budgets.records(scale, acts, spliced, "topk", "bagging", 0, False) == live
+    again = [across_budgets.records(scale, acts, spliced, "topk", "single", s, False)[0] for s in range(2)]
+    assert not any(Path(r["decoder"]).is_file() for r in again)
+    back = across_budgets.point(scale, "topk", "single", again, 8)
+    assert back["stability"] == pytest.approx(live_point["stability"], abs=2e-3)
+    assert across_budgets.point(scale, "topk", "expanded", [{**r, "tokens": 64} for r in again], 8).get("stability") is None
+
+    monkeypatch.setattr("saeens.train.fit", fit)  # a row that must be trained again (for its decoders)
+    calls.clear()
+    intrinsic.table_run(scale, acts, "topk", "bagging", 0, False, spliced)
+    assert not calls and Path(again[0]["decoder"]).is_file()  # stopped at the smaller budget, evaluated nothing
+
+
 def _clocked_child(path, seconds, then=""):
     """A process that spends `seconds` inside common.clock (short beats), touching path.started
     once inside, then runs `then` there."""
