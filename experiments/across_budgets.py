@@ -23,7 +23,7 @@ import numpy as np
 
 from experiments import common
 from experiments.budgets import budget_steps, decoder_path, evals_dir, train_with_budgets
-from experiments.intrinsic import arch_seeds, budget_evaluator, budget_stability
+from experiments.intrinsic import arch_seeds, budget_evaluator, budget_stability, read_stability, vectors_prefix
 from experiments.uncertainty import NO_DIFFERENCE, change, compare
 from saeens import metrics
 
@@ -55,14 +55,19 @@ def boosting_runs(scale: common.Scale, d_in: int, arch: str, seed: int) -> list[
     return out
 
 
-def records(scale: common.Scale, acts, spliced: common.Spliced, arch: str, method: str, seed: int,
+def records(scale: common.Scale, acts, spliced: common.Spliced, arch: str, method: str, seed: int, seeds: int,
             progress: bool) -> list[dict[str, Any]]:
     """One record per budget of this run (steps, tokens, the metrics, `decoder`: its saved decoder),
-    ascending; runs that are not trained yet are trained (table 1's own, or boosting's twin)."""
+    ascending; runs that are not trained yet are trained (table 1's own, or boosting's twin). seeds:
+    the point's independent runs (a twin is trained again for its decoder until their stability is
+    committed)."""
     evaluate = lambda n: budget_evaluator(scale, acts, spliced, n)  # noqa: E731
-    if method == "boosting":
-        return [r for name, run in boosting_runs(scale, acts.d_in, arch, seed)
-                for r in _with_decoders(scale, name, train_with_budgets(scale, name, run, acts, (), evaluate(name), progress))]
+    if method == "boosting":  # a twin whose stability is not committed yet is trained again for its decoder
+        twins = boosting_runs(scale, acts.d_in, arch, seed)
+        missing = lambda run: read_stability(  # noqa: E731
+            vectors_prefix(scale, arch, method, run.train.n_steps * scale.batch_size), seeds, acts.d_in) is None
+        return [r for i, (name, run) in enumerate(twins) for r in _with_decoders(scale, name, train_with_budgets(
+            scale, name, run, acts, (), evaluate(name), progress, decoders=i < len(twins) - 1 and missing(run)))]
     source = "bagging" if method == "single" else method
     name = common.run_name(arch, source, scale.members, seed, scale.k)
     run = common.run_config(scale, acts.d_in, arch, source, scale.members, seed)
@@ -127,7 +132,7 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
     spliced = common.Spliced(scale, scale.spliced_contexts)  # table 1's contexts: its evaluations are reused
     archs: dict[str, Any] = {}
     for arch, seeds in arch_seeds(scale):
-        per_method = {m: [records(scale, acts, spliced, arch, m, s, progress) for s in range(seeds)]
+        per_method = {m: [records(scale, acts, spliced, arch, m, s, seeds, progress) for s in range(seeds)]
                       for m in common.METHODS}
         steps = sorted({r["steps"] for runs in per_method.values() for r in runs[0]})
         points = []

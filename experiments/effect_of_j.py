@@ -1,10 +1,11 @@
 """Figure 2: every metric against the number of members J = 1..members, bagging and boosting (TopK).
 
-No ensemble is trained for this figure. The first j members of a bagging ensemble ARE a bagging
-ensemble of j members (members differ only in their keys; weights become 1/j), and the first j
-stages of a boosting ensemble ARE a boosting ensemble of j stages (stage j never sees later ones).
-So the `seeds` independent J = members ensembles of table 1 are sliced (`ensemble.prefix`), and the
-95% confidence bands are Student-t intervals over those independent ensembles. Stability at J = j
+No ensemble of its own is trained for this figure. The first j members of a bagging ensemble ARE a
+bagging ensemble of j members (members differ only in their keys; weights become 1/j), and the first
+j stages of a boosting ensemble ARE a boosting ensemble of j stages (stage j never sees later ones).
+So the first `sweep_seeds` (default: `seeds`) independent J = members ensembles of table 1 are sliced
+(`ensemble.prefix`; a session that does not have them trains them again, the same runs), and the 95%
+confidence bands are Student-t intervals over those independent ensembles. Stability at J = j
 compares the j-prefixes of the independent ensembles. Connectivity of every prefix comes from one
 co-firing matrix per ensemble (the prefix's firing matrix is its first j*m columns). The spliced
 loss here uses `sweep_spliced_contexts` contexts (clean and zero-ablation computed once).
@@ -15,6 +16,7 @@ Writes results/effect_of_j.{json,md,png}.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -54,43 +56,58 @@ def prefix_metrics(scale, acts, spliced: common.Spliced, ens, run_dir: Path) -> 
     return common.cached_json(path, compute)["prefixes"]
 
 
+def sweep(scale: common.Scale, acts, spliced: common.Spliced, method: str, progress: bool
+          ) -> tuple[dict[str, dict[str, list[float]]], list[list[dict[str, Any]]]]:
+    """One method's curves (each metric at J = 1..members: mean and t interval over the independent
+    ensembles; stability with its chance level) and the per-run prefix metrics."""
+    J = scale.members
+    ensembles, rows = [], []
+    for seed in range(scale.sweep_seeds or scale.seeds):
+        ens, info = table_run(scale, acts, "topk", method, seed, progress)
+        ensembles.append(ens)
+        rows.append(prefix_metrics(scale, acts, spliced, ens, common.run_path(info)))
+    curves = {}
+    for m in METRICS:
+        c = {"x": list(range(1, J + 1)), "mean": [], "ci_low": [], "ci_high": []}
+        for j in range(1, J + 1):
+            if m == "stability":  # one score per independent ensemble: stability's own interval
+                decs = [np.asarray(ensemble.decoder(ensemble.prefix(e, j))) for e in ensembles]
+                s = metrics.stability(decs)
+                chance = metrics.stability_chance([d.shape[0] for d in decs], decs[0].shape[1])["stability"]
+                c.setdefault("chance", []).append(chance)  # the same computation on random unit vectors
+            else:
+                s = metrics.mean_ci([r[j - 1][m] for r in rows])
+            for key in ("mean", "ci_low", "ci_high"):
+                c[key].append(s[key])
+        curves[m] = c
+    return curves, rows
+
+
 def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dict[str, Any] | None:
+    """Bagging, then boosting; each method's curves are written as soon as they are done (a partial
+    result, "complete": false) and read back from that result on a rerun: a method needs all its
+    independent ensembles in one session (stability), and the next session's machine has none of them."""
     if common.result_done(scale, NAME, force):
         return None
     acts = common.get_cache(scale, progress)
     spliced = common.Spliced(scale, scale.sweep_spliced_contexts)
-    J = scale.members
-    curves: dict[str, dict[str, dict[str, list[float]]]] = {}
-    per_run: dict[str, list] = {}
-    for method in ("bagging", "boosting"):
-        ensembles, rows = [], []
-        for seed in range(scale.seeds):
-            ens, info = table_run(scale, acts, "topk", method, seed, progress)
-            ensembles.append(ens)
-            rows.append(prefix_metrics(scale, acts, spliced, ens, common.run_path(info)))
-        curves[method] = {}
-        for m in METRICS:
-            c = {"x": list(range(1, J + 1)), "mean": [], "ci_low": [], "ci_high": []}
-            for j in range(1, J + 1):
-                if m == "stability":  # one score per independent ensemble: stability's own interval
-                    decs = [np.asarray(ensemble.decoder(ensemble.prefix(e, j))) for e in ensembles]
-                    s = metrics.stability(decs)
-                    chance = metrics.stability_chance([d.shape[0] for d in decs], decs[0].shape[1])["stability"]
-                    c.setdefault("chance", []).append(chance)  # the same computation on random unit vectors
-                else:
-                    s = metrics.mean_ci([r[j - 1][m] for r in rows])
-                for key in ("mean", "ci_low", "ci_high"):
-                    c[key].append(s[key])
-            curves[method][m] = c
-        per_run[method] = rows
-    result = {"scale": scale.name, "hook": common.hook(), "members": J, "seeds": scale.seeds, "k": scale.k,
+    path = common.results_dir(scale) / f"{NAME}.json"
+    done = json.loads(path.read_text()) if path.is_file() and not force else {}
+    seeds = scale.sweep_seeds or scale.seeds
+    result = {"scale": scale.name, "hook": common.hook(), "members": scale.members, "seeds": seeds, "k": scale.k,
               "width": scale.width, "sweep_spliced_contexts": scale.sweep_spliced_contexts,
-              "curves": curves, "runs": per_run}
-    common.write_result(scale, NAME, result, markdown(result))
+              "curves": done.get("curves", {}), "runs": done.get("runs", {})}
+    methods = ("bagging", "boosting")
+    for method in methods:
+        if method not in result["curves"]:
+            result["curves"][method], result["runs"][method] = sweep(scale, acts, spliced, method, progress)
+            result["complete"] = all(m in result["curves"] for m in methods)
+            common.write_result(scale, NAME, result, markdown(result))
     from saeens.plots import curves_with_bands
 
-    curves_with_bands(curves, list(PLOTTED), common.results_dir(scale) / f"{NAME}.png", xlabel="J (members / stages)",
-                      title=f"{result['hook']}: TopK k={scale.k}, m={scale.width}; 95% CI over {scale.seeds} ensembles")
+    curves_with_bands(result["curves"], list(PLOTTED), common.results_dir(scale) / f"{NAME}.png",
+                      xlabel="J (members / stages)",
+                      title=f"{result['hook']}: TopK k={scale.k}, m={scale.width}; 95% CI over {seeds} ensembles")
     return result
 
 

@@ -5,7 +5,9 @@ members of m latents: their L0 is the SUM of the members' L0, about J*k) for k i
 At the table's k the single SAE is table 1's, and bagging/boosting are the first pareto_members
 members/stages of table 1's seed-0 ensembles (a prefix is an ensemble of that size); the other
 points are trained here, the single SAE at another k being member 0 of that k's bagging run (as in
-table 1: it costs no run of its own). Writes results/pareto.{json,md,png}.
+table 1: it costs no run of its own). Each point's record is committable as soon as it is evaluated
+(results/pareto/<method>-k<k>-J<J>-<contexts>ctx.json) and is read back, not retrained, by a later
+session. Writes results/pareto.{json,md,png}.
 
     python -m experiments.pareto --scale full
 """
@@ -44,15 +46,15 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
     points: dict[str, list[dict[str, Any]]] = {m: [] for m in common.METHODS}
     for k in scale.pareto_ks:
         for method in common.METHODS:
-            ens, info = point_ensemble(scale, acts, method, k, progress)
-
-            def compute(ens=ens):
-                return {**common.intrinsic_metrics(ens, acts, scale), **spliced.fast(ens)}
-
-            tag = f"J{ens.n_members}-{spliced.contexts.shape[0]}ctx"
-            r = common.cached_json(common.run_path(info) / f"eval-{NAME}-{tag}.json", compute)
             J = 1 if method == "single" else scale.pareto_members  # the expanded SAE: J*m latents in one SAE
-            points[method].append({"k": k, "J": J, **r, **info})
+
+            def compute(method=method, k=k):
+                ens, info = point_ensemble(scale, acts, method, k, progress)
+                return {**common.intrinsic_metrics(ens, acts, scale), **spliced.fast(ens), **info}
+
+            # one committable record per point: a later session reads it back instead of training its run again
+            path = common.results_dir(scale) / NAME / f"{method}-k{k}-J{J}-{spliced.contexts.shape[0]}ctx.json"
+            points[method].append({"k": k, "J": J, **common.cached_json(path, compute)})
     result = {"scale": scale.name, "hook": common.hook(), "members": scale.pareto_members, "width": scale.width,
               "ks": list(scale.pareto_ks), "spliced_contexts": scale.spliced_contexts, "points": points}
     common.write_result(scale, NAME, result, markdown(result))

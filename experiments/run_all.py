@@ -1,5 +1,8 @@
 """Every experiment in order, resumably: cache -> sparsity probe -> the data policy at the old budget ->
-convergence -> table 1 -> table 1 across budgets -> J sweep -> Pareto -> probing -> SCR -> report.
+convergence -> table 1 -> table 1 across budgets -> probing -> SCR -> Pareto -> J sweep -> report.
+Probing, SCR and Pareto's main-k points evaluate the same seed-0 runs of table 1, so they come
+together (a session that must train those runs again trains them once); the J sweep, whose
+independent ensembles must all be trained in one session, comes last.
 
     python -m experiments.run_all --scale full        # the study (see README for the budget)
     python -m experiments.run_all --scale gpu         # the same at >= 30M tokens per SAE, one GPU
@@ -25,9 +28,8 @@ from experiments import estimate as planned
 
 STEPS = (("sparsity_probe", sparsity_probe.main), ("data_policy", data_policy.main), ("convergence", convergence.main),
          ("intrinsic", intrinsic.main), ("across_budgets", across_budgets.main),
-         ("effect_of_j", effect_of_j.main),
-         ("pareto", pareto.main), ("concept_detection", concept_detection.main),
-         ("spurious_removal", spurious_removal.main), ("report", report.main))
+         ("concept_detection", concept_detection.main), ("spurious_removal", spurious_removal.main),
+         ("pareto", pareto.main), ("effect_of_j", effect_of_j.main), ("report", report.main))
 
 
 def estimate(scale: common.Scale, d_in: int = 576) -> dict[str, dict[str, float]]:

@@ -39,6 +39,7 @@ class Scale:
     dead_tokens: int | None = None  # a latent silent this long is dead (TopK's AuxK revives it); None: train tokens
     budgets: tuple[int, ...] = ()  # TopK: tokens at which single/expanded/bagging runs are also evaluated as they train
     other_budgets: tuple[int, ...] = ()  # the same for the other architectures
+    sweep_seeds: int | None = None  # independent ensembles of the J sweep (None: seeds); all train in one session
 
     @property
     def steps(self) -> int:
@@ -81,7 +82,7 @@ SCALES = {
         probe_train_per_class=200, probe_test_per_class=100, probe_context=128,
         scr_train_per_group=300, scr_test_per_group=150, scr_ns=(2, 5, 10, 20, 50, 100, 200, 500),
         checkpoint_every=50, batch_forward=16, dead_tokens=30_000, budgets=(300_000, 1_000_000),
-        other_budgets=(150_000, 500_000),
+        other_budgets=(150_000, 500_000), sweep_seeds=3,
     ),
     # every packaged token cached (~2.7M train rows) and trained for ~11 epochs: 30M tokens per SAE /
     # boosting stage; batch 4096 keeps the step count (7.3k) and the wall time within ~8 min on one GPU

@@ -276,8 +276,8 @@ def test_a_row_finished_in_an_earlier_session_is_read_back_from_its_committed_re
             decoders[method].append(np.asarray(ensemble.decoder(ens)))
         intrinsic.keep_budget_stability(scale, "topk", method, 2, 8)
     stab = intrinsic.stability_of(decoders["bagging"], intrinsic.vectors_prefix(scale, "topk", "bagging"))
-    live = across_budgets.records(scale, acts, spliced, "topk", "bagging", 0, False)
-    at_4 = [across_budgets.records(scale, acts, spliced, "topk", m, s, False)[0] for m in ("single",) for s in range(2)]
+    live = across_budgets.records(scale, acts, spliced, "topk", "bagging", 0, 2, False)
+    at_4 = [across_budgets.records(scale, acts, spliced, "topk", m, s, 2, False)[0] for m in ("single",) for s in range(2)]
     live_point = across_budgets.point(scale, "topk", "single", at_4, 8)
 
     shutil.rmtree(work / "tiny")  # what a new session finds: the committed results, no runs, no decoders
@@ -288,8 +288,8 @@ def test_a_row_finished_in_an_earlier_session_is_read_back_from_its_committed_re
     assert got_stab["stability_chance"] == stab["stability_chance"]
     assert np.isnan(got_stab["hungarian_stability"]) and "not kept" in got_stab["hungarian_skipped"]
     assert intrinsic.committed_row(scale, "topk", "single", 2, 8) is None  # its vectors were never written
-    assert across_budgets.records(scale, acts, spliced, "topk", "bagging", 0, False) == live
-    again = [across_budgets.records(scale, acts, spliced, "topk", "single", s, False)[0] for s in range(2)]
+    assert across_budgets.records(scale, acts, spliced, "topk", "bagging", 0, 2, False) == live
+    again = [across_budgets.records(scale, acts, spliced, "topk", "single", s, 2, False)[0] for s in range(2)]
     assert not any(Path(r["decoder"]).is_file() for r in again)
     back = across_budgets.point(scale, "topk", "single", again, 8)
     assert back["stability"] == pytest.approx(live_point["stability"], abs=2e-3)

@@ -81,3 +81,40 @@ def test_pareto_front_at_toy_size_takes_each_single_sae_from_a_bagging_run(toy_g
     assert not any("single" in p.name for p in (common.WORK / "gpu" / "runs").iterdir())
     results = tmp_path / "experiments" / "results" / "gpu"
     assert {p.name for p in results.glob("pareto.*")} == {"pareto.json", "pareto.md", "pareto.png"}
+
+
+def test_pareto_points_are_read_back_by_a_session_without_the_runs(toy_gpu, tmp_path, monkeypatch):
+    """Each point's record is committed as it lands; a new session's machine (no runs) rebuilds the
+    figure from them without training."""
+    import shutil
+
+    first = pareto.main(toy_gpu, progress=False)
+    assert len(list((tmp_path / "experiments" / "results" / "gpu" / "pareto").glob("*.json"))) == 4
+    shutil.rmtree(common.WORK / "gpu" / "runs")
+    monkeypatch.setattr("saeens.train.fit", lambda *a, **k: pytest.fail("a committed point was trained again"))
+    again = pareto.main(toy_gpu, force=True, progress=False)
+    assert again["points"] == first["points"]
+
+
+def test_the_j_sweep_writes_each_method_as_it_lands_and_a_rerun_finishes_the_rest(toy_gpu, monkeypatch):
+    """Bagging's curves are written (complete: false) before boosting starts; a rerun in a session
+    without the runs reads them back and trains only what boosting needs."""
+    import shutil
+
+    from experiments import effect_of_j
+
+    full = effect_of_j.main(toy_gpu, progress=False)
+    assert full["complete"] and set(full["curves"]) == {"bagging", "boosting"} and full["seeds"] == toy_gpu.seeds
+    stab = full["curves"]["bagging"]["stability"]
+    assert len(stab["mean"]) == toy_gpu.members and all(0 < c < m for c, m in zip(stab["chance"], stab["mean"]))
+    path = common.results_dir(toy_gpu) / "effect_of_j.json"
+    partial = {**full, "complete": False, "curves": {"bagging": full["curves"]["bagging"]}, "runs": {"bagging": full["runs"]["bagging"]}}
+    path.write_text(json.dumps(partial))
+    shutil.rmtree(common.WORK / "gpu" / "runs")
+    called = []
+    real = effect_of_j.table_run
+    monkeypatch.setattr(effect_of_j, "table_run", lambda scale, acts, arch, method, *a: called.append(method)
+                        or real(scale, acts, arch, method, *a))
+    again = effect_of_j.main(toy_gpu, progress=False)
+    assert set(called) == {"boosting"} and again["complete"]
+    assert json.loads(json.dumps(again["curves"])) == json.loads(json.dumps(full["curves"]))
