@@ -169,8 +169,10 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
                 row[m] = metrics.mean_ci([r[m] for r in per_seed])
             rows.append(row)
             runs[f"{arch}/{method}"] = per_seed
-    result = {"scale": scale.name, "setting": setting(scale, acts), "rows": rows, "runs": runs}
-    common.write_result(scale, NAME, result, markdown(result))
+            complete = len(rows) == len(arch_seeds(scale)) * len(common.METHODS)
+            result = {"scale": scale.name, "setting": setting(scale, acts), "rows": rows, "runs": runs,
+                      "complete": complete}  # each finished row is written at once (a rerun reads it back)
+            common.write_result(scale, NAME, result, markdown(result))
     plot(result, common.results_dir(scale) / f"{NAME}.png")
     return result
 
@@ -270,6 +272,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"[95% CI]. Connectivity over the first {sc['connectivity_tokens']} test tokens; spliced loss over "
              f"{sc['spliced_contexts']} held-out contexts of {sc['context_length']} tokens. FLOPs: {s['flop_model']}.",
              "", f"Regenerate: `python -m experiments.intrinsic --scale {result['scale']}`", ""]
+    if not result.get("complete", True):
+        lines += ["**Partial**: the rows finished so far (each is written as it lands); a rerun trains the rest.", ""]
     table = []
     for r in result["rows"]:
         t = {"arch": r["arch"], "method": r["method"], "features": r["n_features"]}

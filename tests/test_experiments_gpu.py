@@ -40,6 +40,7 @@ def test_gpu_scale_command_path_at_toy_size(toy_gpu, tmp_path, capsys):
     assert conv["curves"]["boosting J=2"]["tokens"] == [512] and conv["complete"] is True
     assert (results / "convergence.png").is_file()
     t1 = json.loads((results / "intrinsic.json").read_text())
+    assert t1["complete"] is True
     rows = {r["method"]: r for r in t1["rows"]}
     assert set(rows) == {"single", "expanded", "bagging", "boosting"}
     assert all("stability_chance" in r and r["stability_over_chance"] > 0 for r in rows.values())
