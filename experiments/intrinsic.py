@@ -162,7 +162,8 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
                     prefix = vectors_prefix(scale, arch, method)
                     stab = {**stability_of(decoders, prefix), **hungarian_of(decoders, scale)}
                     common.cached_json(prefix.with_suffix(".json"), lambda: stab)
-                    keep_budget_stability(scale, arch, method, seeds, acts.d_in)
+                    for m in ("single", "bagging") if method == "bagging" else (method,):  # single: bagging's rows
+                        keep_budget_stability(scale, arch, m, seeds, acts.d_in)
             row: dict[str, Any] = {"arch": arch, "method": method, "J": 1 if method == "single" else scale.members,
                                    "n_features": per_seed[0]["n_features"], "runs": len(per_seed), **stab}
             for m in METRICS:

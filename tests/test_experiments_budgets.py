@@ -301,6 +301,48 @@ def test_a_row_finished_in_an_earlier_session_is_read_back_from_its_committed_re
     assert not calls and Path(again[0]["decoder"]).is_file()  # stopped at the smaller budget, evaluated nothing
 
 
+def test_table_one_reads_back_finished_rows_and_a_retrained_bagging_row_leaves_single_stability(work, monkeypatch):
+    """intrinsic.main in a session that lost its runs: the single row (records and vectors committed)
+    is read back, the bagging row is trained again, and its decoders at the smaller budget also give
+    the single SAE's stability there (bagging's first rows), committed for table 1 across budgets."""
+    import shutil
+
+    from experiments import intrinsic
+
+    scale = _scale(members=2, budgets=(64 * 4,), other_archs=())
+    acts = ArrayActivations(np.random.default_rng(0).standard_normal((2000, 8)).astype(np.float32), 0.1)
+    monkeypatch.setattr(common, "intrinsic_metrics", lambda ens, acts, scale: {
+        "n_features": int(ensemble.decoder(ens).shape[0]), **{m: 1.0 for m in intrinsic.METRICS}})
+
+    class Spliced:
+        contexts = np.zeros((3, 4))
+
+        def __init__(self, *a):
+            pass
+
+        def fast(self, ens):
+            return {"delta_lm_loss": 0.5}
+
+    monkeypatch.setattr(common, "get_cache", lambda *a, **k: acts)
+    monkeypatch.setattr(common, "Spliced", Spliced)
+    monkeypatch.setattr(intrinsic, "setting", lambda scale, acts: {})
+    monkeypatch.setattr(intrinsic, "markdown", lambda result: "")
+    monkeypatch.setattr(intrinsic, "plot", lambda result, out: None)
+    monkeypatch.setattr(common, "METHODS", ("single", "bagging"))
+    first = intrinsic.main(scale, progress=False)
+    budgets_dir = common.results_dir(scale) / "stability" / "budgets"
+    for p in budgets_dir.glob("*"):
+        p.unlink()
+    for p in (common.results_dir(scale) / "stability").glob("topk-bagging*"):
+        p.unlink()  # the bagging row's stability was never computed (as table 1's ReLU bagging row)
+    (common.results_dir(scale) / "intrinsic.json").unlink()
+    shutil.rmtree(work / "tiny")  # a new session: the bagging row must be trained again for its stability
+    again = intrinsic.main(scale, progress=False)
+    assert [r["stability"] for r in again["rows"]] == pytest.approx([r["stability"] for r in first["rows"]], abs=2e-3)
+    assert sorted(p.name for p in budgets_dir.glob("*.npy")) == [
+        f"topk-{m}-T256-s{s}.npy" for m in ("bagging", "single") for s in range(2)]
+
+
 def _clocked_child(path, seconds, then=""):
     """A process that spends `seconds` inside common.clock (short beats), touching path.started
     once inside, then runs `then` there."""
