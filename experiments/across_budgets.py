@@ -23,7 +23,7 @@ import numpy as np
 
 from experiments import common
 from experiments.budgets import budget_steps, decoder_path, evals_dir, train_with_budgets
-from experiments.intrinsic import arch_seeds, budget_evaluator, budget_stability, read_stability, vectors_prefix
+from experiments.intrinsic import arch_seeds, budget_evaluator, budget_stability, vectors_committed, vectors_prefix
 from experiments.uncertainty import NO_DIFFERENCE, change, compare
 from saeens import metrics
 
@@ -64,8 +64,8 @@ def records(scale: common.Scale, acts, spliced: common.Spliced, arch: str, metho
     evaluate = lambda n: budget_evaluator(scale, acts, spliced, n)  # noqa: E731
     if method == "boosting":  # a twin whose stability is not committed yet is trained again for its decoder
         twins = boosting_runs(scale, acts.d_in, arch, seed)
-        missing = lambda run: read_stability(  # noqa: E731
-            vectors_prefix(scale, arch, method, run.train.n_steps * scale.batch_size), seeds, acts.d_in) is None
+        missing = lambda run: not vectors_committed(  # noqa: E731
+            vectors_prefix(scale, arch, method, run.train.n_steps * scale.batch_size), seeds)
         return [r for i, (name, run) in enumerate(twins) for r in _with_decoders(scale, name, train_with_budgets(
             scale, name, run, acts, (), evaluate(name), progress, decoders=i < len(twins) - 1 and missing(run)))]
     source = "bagging" if method == "single" else method

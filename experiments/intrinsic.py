@@ -198,12 +198,16 @@ def stability_of(decoders: list, vectors: Path | None = None) -> dict[str, Any]:
 def read_stability(vectors: Path, runs: int, d_in: int) -> dict[str, Any] | None:
     """stability_of's columns from its committed vectors (each run's score is the mean of its
     clipped max cosines, as in saeens.metrics.stability_scores); None when a run's vector is missing."""
-    paths = [vectors.with_name(f"{vectors.name}-s{r}.npy") for r in range(runs)]
-    if not all(p.is_file() for p in paths):
+    if not vectors_committed(vectors, runs):
         return None
-    best = [np.load(p).astype(np.float32) for p in paths]
+    best = [np.load(vectors.with_name(f"{vectors.name}-s{r}.npy")).astype(np.float32) for r in range(runs)]
     return _stability_columns(metrics.mean_ci([float(np.maximum(b, 0.0).mean()) for b in best]),
                               [b.size for b in best], d_in)
+
+
+def vectors_committed(vectors: Path, runs: int) -> bool:
+    """Every run's max-cosine vector under this prefix is committed (a check: no chance level computed)."""
+    return all(vectors.with_name(f"{vectors.name}-s{r}.npy").is_file() for r in range(runs))
 
 
 def _stability_columns(s: dict[str, Any], counts: list[int], d_in: int) -> dict[str, Any]:
