@@ -97,11 +97,15 @@ def runs_dir(scale: Scale) -> Path:
 def result_done(scale: Scale, name: str, force: bool) -> bool:
     """The result JSON exists and is complete (a script that writes partial results as its parts land
     marks them "complete": false; a rerun then finishes them from the cached evaluations)."""
-    path = results_dir(scale) / f"{name}.json"
-    if path.is_file() and not force and json.loads(path.read_text()).get("complete", True):
-        print(f"{path} exists: skipped (pass --force to recompute)")
+    if not force and result_complete(scale, name):
+        print(f"{results_dir(scale) / f'{name}.json'} exists: skipped (pass --force to recompute)")
         return True
     return False
+
+
+def result_complete(scale: Scale, name: str) -> bool:
+    path = results_dir(scale) / f"{name}.json"
+    return path.is_file() and json.loads(path.read_text()).get("complete", True)
 
 
 def write_result(scale: Scale, name: str, result: dict[str, Any], markdown: str) -> Path:

@@ -48,14 +48,22 @@ def table_run(scale: common.Scale, acts, arch: str, method: str, seed: int, prog
     (experiments/budgets.py; boosting's stage length is its budget, so it is evaluated at its end only)."""
     if method == "single":
         return member_zero(*table_run(scale, acts, arch, "bagging", seed, progress, spliced))
-    J = scale.members
-    run = common.run_config(scale, acts.d_in, arch, method, J, seed)
-    name = common.run_name(arch, method, J, seed, scale.k)
+    name, run = row_run(scale, acts.d_in, arch, method, seed)
     if spliced is not None and (scale.budgets_of(arch) or method == "boosting"):
         budgets = () if method == "boosting" else scale.budgets_of(arch)  # boosting: its last step only
         train_with_budgets(scale, name, run, acts, budgets, budget_evaluator(scale, acts, spliced, name), progress,
                            decoders=True)
     return common.ensure_run(scale, name, run, acts, progress)
+
+
+def row_run(scale: common.Scale, d_in: int, arch: str, method: str, seed: int) -> tuple[str, Any]:
+    """(name, run) of the run that table 1's row trains for this seed (the single row: bagging's)."""
+    source = "bagging" if method == "single" else method
+    return row_run_name(scale, arch, method, seed), common.run_config(scale, d_in, arch, source, scale.members, seed)
+
+
+def row_run_name(scale: common.Scale, arch: str, method: str, seed: int) -> str:
+    return common.run_name(arch, "bagging" if method == "single" else method, scale.members, seed, scale.k)
 
 
 def member_zero(bag, info: dict[str, Any]):
@@ -102,8 +110,7 @@ def evaluate_run(scale, acts, spliced: common.Spliced, ens, info: dict[str, Any]
 
 def run_dir_of(scale: common.Scale, arch: str, method: str, seed: int) -> str:
     """The run_dir (relative to WORK) that table_run's info gives for this row and seed."""
-    source = "bagging" if method == "single" else method
-    rd = f"{scale.name}/runs/{common.run_name(arch, source, scale.members, seed, scale.k)}"
+    rd = f"{scale.name}/runs/{row_run_name(scale, arch, method, seed)}"
     return f"{rd}/member-0" if method == "single" else rd
 
 
@@ -122,9 +129,9 @@ def committed_row(scale: common.Scale, arch: str, method: str, seeds: int, d_in:
                   ) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
     """(per-seed records, stability and Hungarian columns) of a row that earlier sessions finished,
     read from the committed results; None when any part is missing (the row is then trained)."""
-    paths = [run_record_path(scale, run_dir_of(scale, arch, method, s)) for s in range(seeds)]
-    if not all(p.is_file() for p in paths):
+    if not row_committed(scale, arch, method, seeds):
         return None
+    paths = [run_record_path(scale, run_dir_of(scale, arch, method, s)) for s in range(seeds)]
     per_seed = [{"seed": s, **json.loads(p.read_text())} for s, p in enumerate(paths)]
     if seeds < 2:
         return per_seed, {}
@@ -132,12 +139,19 @@ def committed_row(scale: common.Scale, arch: str, method: str, seeds: int, d_in:
     if prefix.with_suffix(".json").is_file():
         return per_seed, json.loads(prefix.with_suffix(".json").read_text())
     stab = read_stability(prefix, seeds, d_in)
-    if stab is None:
-        return None
     counts = [int(r["n_features"]) for r in per_seed]
     skipped = (f"> {scale.hungarian_max_features} features" if max(counts) > scale.hungarian_max_features
                else "the runs' decoders were not kept (trained in an earlier session)")
     return per_seed, {**stab, "hungarian_stability": float("nan"), "hungarian_skipped": skipped}
+
+
+def row_committed(scale: common.Scale, arch: str, method: str, seeds: int) -> bool:
+    """committed_row can read this row back: every run's record and the row's stability (its columns,
+    or every run's max-cosine vector) are committed. A check of files: nothing is computed."""
+    if not all(run_record_path(scale, run_dir_of(scale, arch, method, s)).is_file() for s in range(seeds)):
+        return False
+    prefix = vectors_prefix(scale, arch, method)
+    return seeds < 2 or prefix.with_suffix(".json").is_file() or vectors_committed(prefix, seeds)
 
 
 def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dict[str, Any] | None:

@@ -14,6 +14,7 @@ session. Writes results/pareto.{json,md,png}.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from experiments import common
@@ -23,9 +24,22 @@ from saeens import ensemble
 NAME = "pareto"
 
 
+def from_table(scale: common.Scale, method: str, k: int) -> bool:
+    """At the table's k, the single, bagging and boosting points come from table 1's seed-0 runs."""
+    return k == scale.k and method in ("single", "bagging", "boosting") and scale.pareto_members <= scale.members
+
+
+def point_run(scale: common.Scale, d_in: int, method: str, k: int) -> tuple[str, Any]:
+    """(name, run) of the run a point's ensemble comes from (the single SAE: the bagging run whose
+    member 0 it is)."""
+    source = "bagging" if method == "single" else method
+    J = scale.members if from_table(scale, method, k) else scale.pareto_members
+    return common.run_name("topk", source, J, 0, k), common.run_config(scale, d_in, "topk", source, J, 0, k=k)
+
+
 def point_ensemble(scale: common.Scale, acts, method: str, k: int, progress: bool):
     J = scale.pareto_members
-    if k == scale.k and method in ("single", "bagging", "boosting") and J <= scale.members:
+    if from_table(scale, method, k):
         ens, info = table_run(scale, acts, "topk", method, 0, progress)
         if method == "single":
             return ens, info
@@ -34,8 +48,12 @@ def point_ensemble(scale: common.Scale, acts, method: str, k: int, progress: boo
                                        "train_flops": common.train_flops(equivalent, acts.n_rows("train"))}
     if method == "single":
         return member_zero(*point_ensemble(scale, acts, "bagging", k, progress))
-    run = common.run_config(scale, acts.d_in, "topk", method, J, 0, k=k)
-    return common.ensure_run(scale, common.run_name("topk", method, J, 0, k), run, acts, progress)
+    return common.ensure_run(scale, *point_run(scale, acts.d_in, method, k), acts, progress)
+
+
+def point_path(scale: common.Scale, method: str, k: int, J: int, contexts: int) -> Path:
+    """One point's committable record, read back by a later session instead of training its run again."""
+    return common.results_dir(scale) / NAME / f"{method}-k{k}-J{J}-{contexts}ctx.json"
 
 
 def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dict[str, Any] | None:
@@ -52,8 +70,7 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
                 ens, info = point_ensemble(scale, acts, method, k, progress)
                 return {**common.intrinsic_metrics(ens, acts, scale), **spliced.fast(ens), **info}
 
-            # one committable record per point: a later session reads it back instead of training its run again
-            path = common.results_dir(scale) / NAME / f"{method}-k{k}-J{J}-{spliced.contexts.shape[0]}ctx.json"
+            path = point_path(scale, method, k, J, spliced.contexts.shape[0])
             points[method].append({"k": k, "J": J, **common.cached_json(path, compute)})
     result = {"scale": scale.name, "hook": common.hook(), "members": scale.pareto_members, "width": scale.width,
               "ks": list(scale.pareto_ks), "spliced_contexts": scale.spliced_contexts, "points": points}

@@ -10,11 +10,12 @@ independent ensembles must all be trained in one session, comes last.
     python -m experiments.run_all --scale full --estimate   # planned hours per part, nothing trained
 
 The planned training time of each part (measured throughput, experiments/estimate.py) is printed
-before anything starts. Interrupt it at any point and run the same command again: the cache
-continues after its last shard, training runs resume from their last checkpoint
-(WORK/<scale>/runs/, WORK = $SAEENS_WORK or experiments/work), evaluations already done are read
-back (eval-*.json in each run directory), and finished results are skipped. One process: the
-model is loaded once. Wall times per script accumulate in <results>/timings.json.
+before anything starts: of the whole study, and of what remains of it (what earlier sessions
+committed and what the work directory holds trained cost nothing). Interrupt it at any point and
+run the same command again: the cache continues after its last shard, training runs resume from
+their last checkpoint (WORK/<scale>/runs/, WORK = $SAEENS_WORK or experiments/work), evaluations
+already done are read back (eval-*.json in each run directory), and finished results are skipped.
+One process: the model is loaded once. Wall times per script accumulate in <results>/timings.json.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ def estimate(scale: common.Scale, d_in: int = 576) -> dict[str, dict[str, float]
     trained = [m for m in common.METHODS if m != "single"]
     t1 = sum(fl("topk", m, scale.members, s) for m in trained for s in range(scale.seeds))
     dense = sum(fl(a, m, scale.members, s) for a, _ in scale.other_archs for m in trained for s in range(scale.other_seeds))
-    pa = sum(fl("topk", m, scale.pareto_members, 0, k) for k in scale.pareto_ks for m in common.METHODS
-             if not (k == scale.k and m != "expanded"))
+    pa = sum(fl("topk", m, scale.pareto_members, 0, k) for k in scale.pareto_ks for m in trained
+             if k != scale.k or m == "expanded")  # the single SAE: member 0 of its k's bagging run
     cp = convergence.PLANS[scale.name]
     conv = len(convergence.SEEDS) * (
         fl("topk", "single", 1, 0, tokens=cp.single_tokens) + fl("topk", "expanded", scale.members, 0, tokens=cp.expanded_tokens)
@@ -58,9 +59,57 @@ def estimate(scale: common.Scale, d_in: int = 576) -> dict[str, dict[str, float]
             "across_budgets": {"topk": twins.pop("topk"), "dense": sum(twins.values())}, "pareto": {"topk": pa}}
 
 
+def remaining(scale: common.Scale, d_in: int = 576) -> dict[str, dict[str, float]]:
+    """The training TFLOP each part still has to spend, by kind, if the study starts now: the runs of
+    results that are not committed (whole results, table 1's rows, boosting's twins, Pareto's points,
+    the J sweep's methods) and that the work directory does not hold finished, each counted in the
+    first part that trains it. Probing, SCR, Pareto and the J sweep train table 1's runs again when an
+    earlier session's machine took them; a part that resumes a half-trained run costs less."""
+    from experiments.intrinsic import row_committed, row_run, vectors_committed, vectors_prefix
+
+    seen: set[str] = set()
+
+    def cost(runs) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, run in runs:
+            if name in seen or (common.runs_dir(scale) / name / "ensemble.json").is_file():
+                continue
+            seen.add(name)
+            kind = "topk" if run.sae.arch == "topk" else "dense"
+            out[kind] = out.get(kind, 0.0) + common.train_flops(run, scale.cache_tokens) / 1e12
+        return out
+
+    full = estimate(scale, d_in)
+    todo = lambda name: not common.result_complete(scale, name)  # noqa: E731
+    out = {name: full[name] if todo(name) else {} for name in ("sparsity_probe", "data_policy", "convergence")}
+    table = lambda arch, m, seeds: [row_run(scale, d_in, arch, m, s) for s in range(seeds)]  # noqa: E731
+    out["intrinsic"] = cost([r for arch, seeds in intrinsic.arch_seeds(scale) for m in common.METHODS
+                             if todo("intrinsic") and not row_committed(scale, arch, m, seeds)
+                             for r in table(arch, m, seeds)])
+    out["across_budgets"] = cost([
+        (name, run) for arch, seeds in intrinsic.arch_seeds(scale) for s in range(seeds) if todo("across_budgets")
+        for name, run in across_budgets.boosting_runs(scale, d_in, arch, s)[:-1]
+        if not vectors_committed(vectors_prefix(scale, arch, "boosting", run.train.n_tokens), seeds)])
+    for part in ("concept_detection", "spurious_removal"):  # the seed-0 TopK runs of table 1
+        out[part] = cost([r for m in common.METHODS if todo(part) for r in table("topk", m, 1)])
+    point_done = lambda m, k: pareto.point_path(  # noqa: E731
+        scale, m, k, 1 if m == "single" else scale.pareto_members, scale.spliced_contexts).is_file()
+    out["pareto"] = cost([pareto.point_run(scale, d_in, m, k) for k in scale.pareto_ks for m in common.METHODS
+                          if todo("pareto") and not point_done(m, k)])
+    path = common.results_dir(scale) / f"{effect_of_j.NAME}.json"
+    swept = json.loads(path.read_text()).get("curves", {}) if path.is_file() else {}
+    out["effect_of_j"] = cost([r for m in ("bagging", "boosting") if todo("effect_of_j") and m not in swept
+                               for r in table("topk", m, scale.sweep_seeds or scale.seeds)])
+    return out
+
+
 def print_estimate(scale: common.Scale) -> dict:
-    """Measure this machine's throughput at the scale's shapes and print the planned hours per part."""
-    out = {"scale": scale.name, "training_tflop": estimate(scale), **planned.plan(estimate(scale), planned.measure(scale))}
+    """Measure this machine's throughput at the scale's shapes and print the planned hours per part:
+    of the whole study, and of what is left of it (`remaining`)."""
+    rates, full, left = planned.measure(scale), estimate(scale), remaining(scale)
+    left_hours = {k: v for k, v in planned.plan(left, rates).items() if k != "tflop_per_s"}
+    out = {"scale": scale.name, "training_tflop": full, **planned.plan(full, rates),
+           "remaining": {"training_tflop": left, **left_hours}}
     print(json.dumps(out, indent=2), flush=True)
     return out
 

@@ -99,6 +99,42 @@ def test_a_flip_inside_the_noise_is_no_difference():
     assert uncertainty.change("no difference", "no difference") == "none"
 
 
+def test_remaining_plans_only_what_is_neither_committed_nor_trained(work):
+    """The resumed study's estimate: a committed row, a finished run in the work directory and a
+    complete result cost nothing; a run that a later part needs again is paid once, where it is first needed."""
+    from experiments import intrinsic, pareto, run_all
+
+    scale = _scale(budgets=(1024,), other_budgets=(1024,))
+    tf = lambda name, run: common.train_flops(run, scale.cache_tokens) / 1e12  # noqa: E731
+    table = lambda m, s: intrinsic.row_run(scale, 16, "topk", m, s)  # noqa: E731
+    full, left = run_all.estimate(scale, d_in=16), run_all.remaining(scale, d_in=16)
+    for part in ("sparsity_probe", "data_policy", "convergence", "intrinsic", "across_budgets", "pareto"):
+        assert left[part] == pytest.approx(full[part])  # nothing committed: the whole plan
+    assert left["concept_detection"] == left["spurious_removal"] == left["effect_of_j"] == {}  # table 1's runs
+    own = dict(pareto.point_run(scale, 16, m, k) for k in (4, 8) for m in common.METHODS
+               if not pareto.from_table(scale, m, k))
+    assert len(own) == 4 and left["pareto"]["topk"] == pytest.approx(sum(tf(*r) for r in own.items()))
+    # table 1's TopK expanded row is committed: its runs are paid by probing, the first part to need them again
+    for s in range(2):
+        path = intrinsic.run_record_path(scale, intrinsic.run_dir_of(scale, "topk", "expanded", s))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
+    stab = intrinsic.vectors_prefix(scale, "topk", "expanded").with_suffix(".json")
+    stab.parent.mkdir(parents=True)
+    stab.write_text("{}")
+    left = run_all.remaining(scale, d_in=16)
+    expanded = sum(tf(*table("expanded", s)) for s in range(2))
+    assert left["intrinsic"]["topk"] == pytest.approx(full["intrinsic"]["topk"] - expanded)
+    assert left["concept_detection"]["topk"] == pytest.approx(tf(*table("expanded", 0)))
+    # ... unless the work directory holds that run finished; a complete result costs nothing
+    (common.runs_dir(scale) / table("expanded", 0)[0]).mkdir(parents=True)
+    (common.runs_dir(scale) / table("expanded", 0)[0] / "ensemble.json").write_text("{}")
+    (common.results_dir(scale) / "convergence.json").write_text("{}")
+    left = run_all.remaining(scale, d_in=16)
+    assert left["concept_detection"] == {} and left["convergence"] == {}
+    assert left["data_policy"] == pytest.approx(full["data_policy"])
+
+
 def test_bootstrap_over_documents():
     correct = np.r_[np.ones(80), np.zeros(20)]
     ci = uncertainty.bootstrap_ci(correct)
