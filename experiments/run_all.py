@@ -64,7 +64,7 @@ def remaining(scale: common.Scale, d_in: int = 576) -> dict[str, dict[str, float
     results that are not committed (whole results, table 1's rows, boosting's twins, Pareto's points,
     the J sweep's methods) and that the work directory does not hold finished, each counted in the
     first part that trains it. Probing, SCR, Pareto and the J sweep train table 1's runs again when an
-    earlier session's machine took them; a part that resumes a half-trained run costs less."""
+    earlier session's machine took them. A half-trained run is counted whole (an upper bound)."""
     from experiments.intrinsic import row_committed, row_run, vectors_committed, vectors_prefix
 
     seen: set[str] = set()
