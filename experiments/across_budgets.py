@@ -55,6 +55,12 @@ def boosting_runs(scale: common.Scale, d_in: int, arch: str, seed: int) -> list[
     return out
 
 
+def twin_stability_committed(scale: common.Scale, arch: str, twin, seeds: int) -> bool:
+    """The stability of boosting's twins at this twin's budget is committed (else they are trained
+    again for their decoders)."""
+    return vectors_committed(vectors_prefix(scale, arch, "boosting", twin.train.n_steps * scale.batch_size), seeds)
+
+
 def records(scale: common.Scale, acts, spliced: common.Spliced, arch: str, method: str, seed: int, seeds: int,
             progress: bool) -> list[dict[str, Any]]:
     """One record per budget of this run (steps, tokens, the metrics, `decoder`: its saved decoder),
@@ -64,10 +70,9 @@ def records(scale: common.Scale, acts, spliced: common.Spliced, arch: str, metho
     evaluate = lambda n: budget_evaluator(scale, acts, spliced, n)  # noqa: E731
     if method == "boosting":  # a twin whose stability is not committed yet is trained again for its decoder
         twins = boosting_runs(scale, acts.d_in, arch, seed)
-        missing = lambda run: not vectors_committed(  # noqa: E731
-            vectors_prefix(scale, arch, method, run.train.n_steps * scale.batch_size), seeds)
         return [r for i, (name, run) in enumerate(twins) for r in _with_decoders(scale, name, train_with_budgets(
-            scale, name, run, acts, (), evaluate(name), progress, decoders=i < len(twins) - 1 and missing(run)))]
+            scale, name, run, acts, (), evaluate(name), progress,
+            decoders=i < len(twins) - 1 and not twin_stability_committed(scale, arch, run, seeds)))]
     source = "bagging" if method == "single" else method
     name = common.run_name(arch, source, scale.members, seed, scale.k)
     run = common.run_config(scale, acts.d_in, arch, source, scale.members, seed)

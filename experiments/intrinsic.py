@@ -205,7 +205,7 @@ def stability_of(decoders: list, vectors: Path | None = None) -> dict[str, Any]:
         for r, W_FD in enumerate(decoders):
             others_GD = np.concatenate([W for q, W in enumerate(decoders) if q != r])
             best_F = np.asarray(metrics.max_cosine(W_FD, others_GD), np.float16)
-            atomic_save_npy(vectors.with_name(f"{vectors.name}-s{r}.npy"), best_F)
+            atomic_save_npy(vector_path(vectors, r), best_F)
     return _stability_columns(s, [int(d.shape[0]) for d in decoders], int(decoders[0].shape[1]))
 
 
@@ -214,14 +214,19 @@ def read_stability(vectors: Path, runs: int, d_in: int) -> dict[str, Any] | None
     clipped max cosines, as in saeens.metrics.stability_scores); None when a run's vector is missing."""
     if not vectors_committed(vectors, runs):
         return None
-    best = [np.load(vectors.with_name(f"{vectors.name}-s{r}.npy")).astype(np.float32) for r in range(runs)]
+    best = [np.load(vector_path(vectors, r)).astype(np.float32) for r in range(runs)]
     return _stability_columns(metrics.mean_ci([float(np.maximum(b, 0.0).mean()) for b in best]),
                               [b.size for b in best], d_in)
 
 
 def vectors_committed(vectors: Path, runs: int) -> bool:
     """Every run's max-cosine vector under this prefix is committed (a check: no chance level computed)."""
-    return all(vectors.with_name(f"{vectors.name}-s{r}.npy").is_file() for r in range(runs))
+    return all(vector_path(vectors, r).is_file() for r in range(runs))
+
+
+def vector_path(vectors: Path, run: int) -> Path:
+    """Run `run`'s per-feature max-cosine vector under the prefix `vectors`."""
+    return vectors.with_name(f"{vectors.name}-s{run}.npy")
 
 
 def _stability_columns(s: dict[str, Any], counts: list[int], d_in: int) -> dict[str, Any]:

@@ -51,9 +51,14 @@ def point_ensemble(scale: common.Scale, acts, method: str, k: int, progress: boo
     return common.ensure_run(scale, *point_run(scale, acts.d_in, method, k), acts, progress)
 
 
-def point_path(scale: common.Scale, method: str, k: int, J: int, contexts: int) -> Path:
+def point_members(scale: common.Scale, method: str) -> int:
+    """J of a point (the expanded SAE: J*m latents in one SAE)."""
+    return 1 if method == "single" else scale.pareto_members
+
+
+def point_path(scale: common.Scale, method: str, k: int, contexts: int) -> Path:
     """One point's committable record, read back by a later session instead of training its run again."""
-    return common.results_dir(scale) / NAME / f"{method}-k{k}-J{J}-{contexts}ctx.json"
+    return common.results_dir(scale) / NAME / f"{method}-k{k}-J{point_members(scale, method)}-{contexts}ctx.json"
 
 
 def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dict[str, Any] | None:
@@ -64,14 +69,12 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
     points: dict[str, list[dict[str, Any]]] = {m: [] for m in common.METHODS}
     for k in scale.pareto_ks:
         for method in common.METHODS:
-            J = 1 if method == "single" else scale.pareto_members  # the expanded SAE: J*m latents in one SAE
-
             def compute(method=method, k=k):
                 ens, info = point_ensemble(scale, acts, method, k, progress)
                 return {**common.intrinsic_metrics(ens, acts, scale), **spliced.fast(ens), **info}
 
-            path = point_path(scale, method, k, J, spliced.contexts.shape[0])
-            points[method].append({"k": k, "J": J, **common.cached_json(path, compute)})
+            path = point_path(scale, method, k, spliced.contexts.shape[0])
+            points[method].append({"k": k, "J": point_members(scale, method), **common.cached_json(path, compute)})
     result = {"scale": scale.name, "hook": common.hook(), "members": scale.pareto_members, "width": scale.width,
               "ks": list(scale.pareto_ks), "spliced_contexts": scale.spliced_contexts, "points": points}
     common.write_result(scale, NAME, result, markdown(result))

@@ -65,7 +65,7 @@ def remaining(scale: common.Scale, d_in: int = 576) -> dict[str, dict[str, float
     the J sweep's methods) and that the work directory does not hold finished, each counted in the
     first part that trains it. Probing, SCR, Pareto and the J sweep train table 1's runs again when an
     earlier session's machine took them. A half-trained run is counted whole (an upper bound)."""
-    from experiments.intrinsic import row_committed, row_run, vectors_committed, vectors_prefix
+    from experiments.intrinsic import row_committed, row_run
 
     seen: set[str] = set()
 
@@ -89,13 +89,11 @@ def remaining(scale: common.Scale, d_in: int = 576) -> dict[str, dict[str, float
     out["across_budgets"] = cost([
         (name, run) for arch, seeds in intrinsic.arch_seeds(scale) for s in range(seeds) if todo("across_budgets")
         for name, run in across_budgets.boosting_runs(scale, d_in, arch, s)[:-1]
-        if not vectors_committed(vectors_prefix(scale, arch, "boosting", run.train.n_tokens), seeds)])
+        if not across_budgets.twin_stability_committed(scale, arch, run, seeds)])
     for part in ("concept_detection", "spurious_removal"):  # the seed-0 TopK runs of table 1
         out[part] = cost([r for m in common.METHODS if todo(part) for r in table("topk", m, 1)])
-    point_done = lambda m, k: pareto.point_path(  # noqa: E731
-        scale, m, k, 1 if m == "single" else scale.pareto_members, scale.spliced_contexts).is_file()
     out["pareto"] = cost([pareto.point_run(scale, d_in, m, k) for k in scale.pareto_ks for m in common.METHODS
-                          if todo("pareto") and not point_done(m, k)])
+                          if todo("pareto") and not pareto.point_path(scale, m, k, scale.spliced_contexts).is_file()])
     path = common.results_dir(scale) / f"{effect_of_j.NAME}.json"
     swept = json.loads(path.read_text()).get("curves", {}) if path.is_file() else {}
     out["effect_of_j"] = cost([r for m in ("bagging", "boosting") if todo("effect_of_j") and m not in swept
