@@ -321,7 +321,23 @@ def markdown(result: dict[str, Any]) -> str:
         first = result["runs"][f"{r['arch']}/{r['method']}"][0]
         if first.get("ev_drivers"):
             lines.append(f"- {r['arch']} {r['method']}: {ev_drivers_line(first)}")
+    members = [(r, per_member_means(result["runs"][f"{r['arch']}/{r['method']}"])) for r in result["rows"]]
+    if any(means for _, means in members):
+        lines += ["", "## Each member's (boosting: each stage's) l0 and dead fraction", "",
+                  "Mean over seeds, on the test tokens (saeens.metrics.finalize's per-member split):", ""]
+        lines += [f"- {r['arch']} {r['method']}: l0 {' / '.join(f'{v:.3g}' for v in means['l0_per_member'])}; dead "
+                  f"fraction {' / '.join(f'{v:.3g}' for v in means['dead_fraction_per_member'])}"
+                  for r, means in members if means]
     return "\n".join(lines)
+
+
+def per_member_means(per_seed: list[dict[str, Any]]) -> dict[str, list[float]] | None:
+    """Each member's (boosting: each stage's) l0 and dead fraction, mean over the seeds; None unless
+    every seed's record holds them (an ensemble evaluated since saeens.metrics.finalize splits them)."""
+    keys = ("l0_per_member", "dead_fraction_per_member")
+    if not per_seed or not all(k in r for r in per_seed for k in keys):
+        return None
+    return {k: np.mean([r[k] for r in per_seed], axis=0).tolist() for k in keys}
 
 
 def plot(result: dict[str, Any], out) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments import across_budgets, common, concept_detection
+from experiments import across_budgets, common, concept_detection, intrinsic
 from experiments.uncertainty import NO_DIFFERENCE, best_of, compare
 
 START, END = "<!-- FINDINGS:START (written by experiments/report.py) -->", "<!-- FINDINGS:END -->"
@@ -82,6 +82,14 @@ def intrinsic_findings(t1: dict) -> list[str]:
             out.append(f"- **Stability, {arch}** (paper: bagging and boosting about 0.6-0.75 vs 0.2-0.37 for the "
                        f"expanded SAE; mean [95% CI] over {rows['bagging']['runs']} independent ensembles). Here: {txt} "
                        f"-> {verdict}.")
+        stages = intrinsic.per_member_means(t1["runs"].get(f"{arch}/boosting", []))
+        if stages:
+            l0 = stages["l0_per_member"]
+            late = len(l0) // 2
+            out.append(f"- **Boosting's stages, {arch}** (the paper reports the ensemble only). L0 per stage on the "
+                       f"test tokens, mean over seeds: {' / '.join(f'{v:.3g}' for v in l0)}; the last {late} stages "
+                       f"fire {100 * sum(l0[-late:]) / sum(l0):.0f}% of the ensemble's L0 (an even split: "
+                       f"{100 * late / len(l0):.0f}%).")
         fl = {m: r["train_flops"]["mean"] for m, r in rows.items() if r}
         sec = {m: r["train_seconds"]["mean"] for m, r in rows.items() if r}
         out.append(f"- **Training compute, {arch}** (reviewers: compute was not matched, ensembles took up to ~10x "

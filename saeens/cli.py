@@ -145,7 +145,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     from saeens.data.cache import ActivationCache
     from saeens.evals.intrinsic import evaluate_run, evaluate_sweep, is_sweep
-    from saeens.tables import ev_drivers_line, print_table
+    from saeens.tables import ev_drivers_line, members_line, print_table
 
     sweep = is_sweep(args.run)  # its members are separate SAEs: one row (and JSON entry) each
     if sweep and args.model:
@@ -167,6 +167,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         result["feature_recovery"] = _feature_recovery(args.run, truth)
     print_table([{"run": args.run, **result}])
     print(ev_drivers_line(result))
+    if members_line(result):
+        print(members_line(result))
     _write_json(args.json_out, result)
 
 

@@ -32,3 +32,12 @@ def ev_drivers_line(result: dict[str, Any], n: int = 3) -> str:
                      f"variance, {100 * d['shortfall_share']:.0f}% of the shortfall)" for d in result["ev_drivers"][:n])
     return (f"explained variance {result['explained_variance']:.4g} per dimension, "
             f"{result['explained_variance_pooled']:.4g} pooled; lowest: {dims}")
+
+
+def members_line(result: dict[str, Any]) -> str:
+    """One line under an ensemble's evaluation table: each member's (boosting: each stage's) l0 and
+    dead fraction (metrics.finalize's per-member split); empty for a single SAE."""
+    if "l0_per_member" not in result:
+        return ""
+    return "per member: l0 " + " / ".join(f"{v:.3g}" for v in result["l0_per_member"]) + "; dead fraction " + \
+        " / ".join(f"{v:.3g}" for v in result["dead_fraction_per_member"])

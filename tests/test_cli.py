@@ -48,6 +48,9 @@ def test_train_evaluate_export_stability(acts, run, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "explained_variance" in printed and "ev_drivers" not in printed  # the table; nested values stay in the JSON
     assert "pooled; lowest: dim " in printed and len(result["ev_drivers"]) == 5
+    per_member = result["l0_per_member"]  # the two members split the ensemble's l0 (each TopK member fires k = 3)
+    assert per_member == pytest.approx([3.0, 3.0]) and sum(per_member) == pytest.approx(result["l0"])
+    assert "per member: l0 3 / 3; dead fraction " in printed
     assert main(["export", str(run), "--out", str(tmp_path / "export")]) == 0
     assert (tmp_path / "export" / "manifest.json").is_file()
     run2 = tmp_path / "run2"

@@ -64,8 +64,13 @@ def test_gpu_scale_command_path_at_toy_size(toy_gpu, tmp_path, capsys):
     assert (common.WORK / "gpu" / "runs" / "topk-k4-boosting-J2-s1-T512" / "ensemble.json").is_file()
     assert all(len(c["per_budget"]) == 2 and c["change"] != "n/a" for c in ab["claims"])
     assert (results / "stability" / "budgets" / "topk-single-T512-s0.npy").is_file()
+    for rec in t1["runs"]["topk/boosting"]:  # each stage's l0 (at most k), splitting the ensemble's
+        assert len(rec["l0_per_member"]) == 2 and all(0 < v <= 4 for v in rec["l0_per_member"])
+        assert sum(rec["l0_per_member"]) == pytest.approx(rec["l0"], rel=1e-5)
+    assert "## Each member's (boosting: each stage's) l0" in (results / "intrinsic.md").read_text()
     text = (results / "findings.md").read_text()
     assert "chance level" in text and "as the budget grows" in text and "512 tokens:" in text
+    assert "**Boosting's stages, topk**" in text and "the last 1 stages fire" in text
 
 
 def test_pareto_front_at_toy_size_takes_each_single_sae_from_a_bagging_run(toy_gpu, tmp_path):

@@ -288,14 +288,19 @@ def test_streaming_equals_one_shot_on_an_ensemble():
     x_hat, codes = np.asarray(x_hat), np.asarray(codes)
 
     sizes = [350, 350]
-    out = metrics.evaluate_stream(fwd, _chunks(x, sizes), J * M)
+    out = metrics.evaluate_stream(fwd, _chunks(x, sizes), J * M, members=J)
     assert set(out) == {
         "mse", "explained_variance", "explained_variance_pooled", "explained_variance_per_token", "fvu", "l0",
         "relative_reconstruction_bias", "dead_fraction", "dense_fraction", "connectivity", "n_tokens", "ev_drivers",
+        "l0_per_member", "dead_fraction_per_member",
     }
+    fires_NJM = (codes != 0).reshape(len(x), J, M)  # the ensemble's codes: member blocks in order
+    np.testing.assert_allclose(out["l0_per_member"], fires_NJM.sum(2).mean(0), rtol=1e-6)
+    np.testing.assert_allclose(out["dead_fraction_per_member"], (fires_NJM.sum(0) == 0).mean(1))
+    assert out["dead_fraction_per_member"][0] >= 4 / M  # member 0's four dead latents
     assert out["n_tokens"] == 700
     one_shot = {**recon_metrics(x, x_hat), **sparsity_metrics(codes)}
-    for k in set(out) - {"n_tokens", "explained_variance_per_token", "ev_drivers"}:
+    for k in set(out) - {"n_tokens", "explained_variance_per_token", "ev_drivers", "l0_per_member", "dead_fraction_per_member"}:
         assert out[k] == pytest.approx(float(one_shot[k]), rel=1e-4, abs=1e-6), k
     assert out["dead_fraction"] >= 4 / (J * M) and out["dense_fraction"] >= 2 / (J * M)
     assert 0 < out["connectivity"] < 1
@@ -305,6 +310,7 @@ def test_streaming_equals_one_shot_on_an_ensemble():
     one = metrics.evaluate_stream(fwd, [x], J * M, cofire=False, progress=True, n_tokens=len(x))
     assert one["explained_variance_per_token"] == pytest.approx(float(one_shot["explained_variance_per_token"]), rel=1e-4)
     assert np.isnan(one["connectivity"]) and one["l0"] == pytest.approx(out["l0"], rel=1e-6)
+    assert "l0_per_member" not in one  # members=1: no split
 
 
 def test_streaming_is_accurate_with_a_large_offset():

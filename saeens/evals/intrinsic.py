@@ -54,12 +54,11 @@ class IntrinsicResult:
     n_features: int
     ev_drivers: list[dict[str, float]] = dataclasses.field(default_factory=list)  # metrics.ev_drivers
     connectivity_tokens: int | None = None  # set when connectivity came from a sample
+    l0_per_member: list[float] | None = None  # ensembles: l0 and dead fraction of each member / stage
+    dead_fraction_per_member: list[float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        if out["connectivity_tokens"] is None:
-            del out["connectivity_tokens"]
-        return out
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 def prefix_connectivity(ens: Ensemble, x_BD: np.ndarray, js: list[int]) -> list[float]:
@@ -88,7 +87,7 @@ def run(ens: Ensemble, acts, cfg: IntrinsicConfig = IntrinsicConfig()) -> Intrin
         raise SaeensError(f"the activation cache has no {cfg.split!r} rows: pass --split train or rebuild the cache")
     stream_cofire = cfg.connectivity and cfg.connectivity_tokens is None and ens.width <= cfg.max_cofire
     out = metrics.evaluate_stream(partial(ensemble.forward, ens), acts.chunks(cfg.split), ens.width,
-                                  cofire=stream_cofire, progress=cfg.progress, n_tokens=n_rows)
+                                  cofire=stream_cofire, progress=cfg.progress, n_tokens=n_rows, members=ens.n_members)
     sampled = None
     if cfg.connectivity and cfg.connectivity_tokens is not None:
         sampled = min(cfg.connectivity_tokens, n_rows)

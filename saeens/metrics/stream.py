@@ -138,15 +138,23 @@ def _finalize_arrays(stats: Stats, dense_threshold: float) -> dict[str, jax.Arra
     }
 
 
-def finalize(stats: Stats, dense_threshold: float = DENSE_THRESHOLD) -> dict[str, float]:
+def finalize(stats: Stats, dense_threshold: float = DENSE_THRESHOLD, members: int = 1) -> dict[str, float]:
     """The metrics over every token seen: mse, explained_variance (paper's, per-dimension),
     explained_variance_pooled (1 - sum SSE / sum SST: variance-weighted), explained_variance_per_token
     (SAELens', chunk-centred), fvu, l0, relative_reconstruction_bias, dead_fraction, dense_fraction,
     connectivity (NaN without co-firing), n_tokens, and ev_drivers (the dimensions that pull the
-    per-dimension EV down, with their variance shares)."""
+    per-dimension EV down, with their variance shares).
+
+    members > 1: the features are that many equal blocks in member order (an ensemble's concatenated
+    codes), and l0_per_member / dead_fraction_per_member split l0 and dead_fraction by block, which
+    shows, e.g., boosting stages that a shared sparsity penalty has silenced."""
     result = {k: float(v) for k, v in _finalize_arrays(stats, dense_threshold).items()}
     result["n_tokens"] = int(stats.n_tokens)
     result["ev_drivers"] = ev_drivers(np.asarray(stats.sums["sse_D"]), np.asarray(stats.m2_D))
+    if members > 1:
+        fire_JM = np.asarray(stats.fire_F).reshape(members, -1)  # raises unless the features split evenly
+        result["l0_per_member"] = (fire_JM.sum(1, dtype=np.float64) / int(stats.n_tokens)).tolist()
+        result["dead_fraction_per_member"] = (fire_JM == 0).mean(1).tolist()
     return result
 
 
@@ -177,6 +185,7 @@ def evaluate_stream(
     progress: bool = False,
     n_tokens: int | None = None,
     dense_threshold: float = DENSE_THRESHOLD,
+    members: int = 1,
 ) -> dict[str, float]:
     """Every per-token metric over a chunked stream of activations, in one pass.
 
@@ -184,6 +193,7 @@ def evaluate_stream(
     it is jitted here (a partial's arrays become jit arguments, not baked-in constants). chunks:
     an iterable of [n, d] arrays (a last, shorter chunk costs one more compile). n_tokens: the
     rows the chunks hold, for the progress bar only (it counts tokens, as a user thinks of a split).
+    members: the ensemble's member count, for finalize's per-member l0 and dead fraction.
     Returns `finalize`'s dict.
     """
     from tqdm.auto import tqdm
@@ -208,4 +218,4 @@ def evaluate_stream(
             bar.update(x_BD.shape[0])
     if stats is None or int(stats.n_tokens) == 0:
         raise ValueError("evaluate_stream got no activations: the chunk iterable was empty")
-    return finalize(stats, dense_threshold)
+    return finalize(stats, dense_threshold, members)
