@@ -51,15 +51,19 @@ def intrinsic_findings(t1: dict) -> list[str]:
         best = best_of({m: r["explained_variance"] for m, r in present.items()})
         best_tok = best_of({m: r["explained_variance_per_token"] for m, r in present.items()})
         best_mse = best_of({m: r["mse"] for m, r in present.items()}, higher_is_better=False)
-        ev_verdict = ("consistent" if best == "boosting" else "no method is ahead beyond the noise (95% CIs overlap)"
-                      if best == NO_DIFFERENCE else "NOT consistent")
+        ev_verdict = ("consistent with the paper" if best == "boosting" else
+                      "no method is ahead beyond the noise (95% CIs overlap)" if best == NO_DIFFERENCE else
+                      "NOT consistent with the paper")
+        decided = {b for b in (best, best_tok, best_mse) if b != NO_DIFFERENCE}  # a tie contradicts no definition
         out.append(
             f"- **Explained variance, {arch}** (paper: boosting best at J = 8 in all three settings, e.g. 0.998 vs "
             f"0.987 for the expanded SAE on Pythia-160M; the paper's EV is per dimension). Here (J = {J}), "
             "per-dimension EV: " + ", ".join(f"{m} {f3(v)}" for m, v in ev.items())
-            + f". Best: **{best}** -> {ev_verdict} with the paper. "
+            + f". Best: **{best}** -> {ev_verdict}. "
             f"Per-token EV (SAELens) best: {best_tok}; lowest MSE: {best_mse}"
-            + (" (the definitions agree)." if best == best_tok == best_mse else " (the definitions DISAGREE: see intrinsic.md)."))
+            + (" (the definitions agree)." if best == best_tok == best_mse else
+               f" (no definition contradicts another: those that separate the methods pick {decided.pop()})."
+               if len(decided) == 1 else " (the definitions DISAGREE: see intrinsic.md)."))
         if "expanded" in ev and "bagging" in ev:
             cmp = compare(rows["bagging"]["explained_variance"], rows["expanded"]["explained_variance"])
             word = {"lower": "consistent (bagging trails beyond the noise)", "higher": "bagging does NOT trail here",

@@ -187,6 +187,28 @@ def test_report_calls_an_scr_lead_inside_the_bootstrap_noise_no_difference():
     assert "Best: **single**" in report.downstream_findings(None, scr)[0]
 
 
+def test_report_reads_a_tie_in_one_definition_of_ev_as_no_contradiction():
+    """Per-dimension EV's intervals overlap while per-token EV and MSE both single out boosting: the
+    verdict is 'no method ahead', and the definitions do not disagree; a real split says they do."""
+    from experiments import report
+
+    def ci(mean, half):
+        return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half}
+
+    def rows(ev_tok_boost):
+        return [{"arch": "relu", "method": m, "explained_variance": ci(ev, 0.05),
+                 "explained_variance_per_token": ci(tok, 0.001), "mse": ci(mse, 1.0), "train_flops": {"mean": 1.0},
+                 "train_seconds": {"mean": 1.0}, "dead_fraction": {"mean": 0.0}, "delta_lm_loss": {"mean": 0.1}}
+                for m, ev, tok, mse in (("single", 0.55, 0.70, 40.0), ("expanded", 0.60, 0.75, 35.0),
+                                        ("bagging", 0.57, 0.72, 37.0), ("boosting", 0.62, ev_tok_boost, 30.0))]
+
+    line = report.intrinsic_findings({"setting": {"scale": {"members": 8}}, "rows": rows(0.80), "runs": {}})[0]
+    assert "Best: **no difference** -> no method is ahead beyond the noise (95% CIs overlap)." in line
+    assert "pick boosting" in line and "DISAGREE" not in line
+    line = report.intrinsic_findings({"setting": {"scale": {"members": 8}}, "rows": rows(0.74), "runs": {}})[0]
+    assert "Per-token EV (SAELens) best: expanded; lowest MSE: boosting" in line and "DISAGREE" in line
+
+
 def test_probing_accuracy_interval_over_test_documents():
     ci = uncertainty.accuracy_ci([(0.8, 100), (0.6, 50)])
     assert ci["mean"] == pytest.approx(0.7) and ci["ci_low"] < 0.7 < ci["ci_high"]
