@@ -45,12 +45,14 @@ def intrinsic_findings(t1: dict) -> list[str]:
     J = t1["setting"]["scale"]["members"]
     for arch in dict.fromkeys(r["arch"] for r in t1["rows"]):
         rows = {m: _row(t1, arch, m) for m in common.METHODS}
-        ev = {m: r["explained_variance"]["mean"] for m, r in rows.items() if r}
-        present = {m: r for m, r in rows.items() if r}
+        if not all(rows.values()):  # a partial table: no verdict from the rows that happen to be done
+            out.append(f"- **{arch}**: rows still training (done: {', '.join(m for m, r in rows.items() if r)}).")
+            continue
+        ev = {m: r["explained_variance"]["mean"] for m, r in rows.items()}
         # a best method only when its interval over seeds clears every other's: a lead inside the noise is none
-        best = best_of({m: r["explained_variance"] for m, r in present.items()})
-        best_tok = best_of({m: r["explained_variance_per_token"] for m, r in present.items()})
-        best_mse = best_of({m: r["mse"] for m, r in present.items()}, higher_is_better=False)
+        best = best_of({m: r["explained_variance"] for m, r in rows.items()})
+        best_tok = best_of({m: r["explained_variance_per_token"] for m, r in rows.items()})
+        best_mse = best_of({m: r["mse"] for m, r in rows.items()}, higher_is_better=False)
         ev_verdict = ("consistent with the paper" if best == "boosting" else
                       "no method is ahead beyond the noise (95% CIs overlap)" if best == NO_DIFFERENCE else
                       "NOT consistent with the paper")
@@ -64,15 +66,14 @@ def intrinsic_findings(t1: dict) -> list[str]:
             + (" (the definitions agree)." if best == best_tok == best_mse else
                f" (no definition contradicts another: those that separate the methods pick {decided.pop()})."
                if len(decided) == 1 else " (the definitions DISAGREE: see intrinsic.md)."))
-        if "expanded" in ev and "bagging" in ev:
-            cmp = compare(rows["bagging"]["explained_variance"], rows["expanded"]["explained_variance"])
-            word = {"lower": "consistent (bagging trails beyond the noise)", "higher": "bagging does NOT trail here",
-                    NO_DIFFERENCE: "no difference (the 95% CIs overlap)"}[cmp]
-            out.append(f"- **Bagging vs expanded reconstruction, {arch}** (paper: bagging trails the expanded SAE on "
-                       f"the smaller models). Here: bagging {f3(ev['bagging'])} vs expanded {f3(ev['expanded'])} -> "
-                       f"{word}.")
-        if all(r and "stability" in r for r in rows.values()):
-            st = {m: r for m, r in rows.items()}
+        cmp = compare(rows["bagging"]["explained_variance"], rows["expanded"]["explained_variance"])
+        word = {"lower": "consistent (bagging trails beyond the noise)", "higher": "bagging does NOT trail here",
+                NO_DIFFERENCE: "no difference (the 95% CIs overlap)"}[cmp]
+        out.append(f"- **Bagging vs expanded reconstruction, {arch}** (paper: bagging trails the expanded SAE on "
+                   f"the smaller models). Here: bagging {f3(ev['bagging'])} vs expanded {f3(ev['expanded'])} -> "
+                   f"{word}.")
+        if all("stability" in r for r in rows.values()):
+            st = rows
             txt = ", ".join(f"{m} {common.fmt_ci(r['stability'], r['stability_ci_low'], r['stability_ci_high'])}"
                             for m, r in st.items())
             higher = st["bagging"]["stability"] > st["expanded"]["stability"] and \
@@ -86,6 +87,14 @@ def intrinsic_findings(t1: dict) -> list[str]:
             out.append(f"- **Stability, {arch}** (paper: bagging and boosting about 0.6-0.75 vs 0.2-0.37 for the "
                        f"expanded SAE; mean [95% CI] over {rows['bagging']['runs']} independent ensembles). Here: {txt} "
                        f"-> {verdict}.")
+        div = {m: r["diversity_fraction"]["mean"] for m, r in rows.items()}
+        out.append(f"- **Redundancy, {arch}** (the paper's diversity: the share of features with no other feature of "
+                   "the same dictionary at cosine > 0.7; low for bagging when its members, which differ only in their "
+                   "initial parameters, learn the same features). Here: "
+                   + ", ".join(f"{m} {f3(v)}" for m, v in div.items()) + f"; of bagging's "
+                   f"{rows['bagging']['n_features']} features, {div['bagging'] * rows['bagging']['n_features']:.0f} "
+                   f"have no near-copy among its {J} members (the expanded SAE: "
+                   f"{div['expanded'] * rows['expanded']['n_features']:.0f} of {rows['expanded']['n_features']}).")
         stages = intrinsic.per_member_means(t1["runs"].get(f"{arch}/boosting", []))
         if stages:
             l0 = stages["l0_per_member"]
@@ -94,16 +103,16 @@ def intrinsic_findings(t1: dict) -> list[str]:
                        f"test tokens, mean over seeds: {' / '.join(f'{v:.3g}' for v in l0)}; the last {late} stages "
                        f"fire {100 * sum(l0[-late:]) / sum(l0):.0f}% of the ensemble's L0 (an even split: "
                        f"{100 * late / len(l0):.0f}%).")
-        fl = {m: r["train_flops"]["mean"] for m, r in rows.items() if r}
-        sec = {m: r["train_seconds"]["mean"] for m, r in rows.items() if r}
+        fl = {m: r["train_flops"]["mean"] for m, r in rows.items()}
+        sec = {m: r["train_seconds"]["mean"] for m, r in rows.items()}
         out.append(f"- **Training compute, {arch}** (reviewers: compute was not matched, ensembles took up to ~10x "
                    "longer). Here, relative to the expanded SAE: " + ", ".join(
                        f"{m} {fl[m] / fl['expanded']:.2f}x FLOPs / {sec[m] / sec['expanded']:.2f}x wall time"
                        for m in fl) + ".")
         out.append(f"- **Dead latents, {arch}** (reviewers asked for dead-latent counts). Dead fraction on the test "
-                   "tokens: " + ", ".join(f"{m} {f3(r['dead_fraction']['mean'])}" for m, r in rows.items() if r)
+                   "tokens: " + ", ".join(f"{m} {f3(r['dead_fraction']['mean'])}" for m, r in rows.items())
                    + "; delta LM loss: " + ", ".join(f"{m} {f3(r['delta_lm_loss']['mean'])}"
-                                                      for m, r in rows.items() if r) + ".")
+                                                      for m, r in rows.items()) + ".")
     return out
 
 

@@ -198,7 +198,8 @@ def test_report_reads_a_tie_in_one_definition_of_ev_as_no_contradiction():
     def rows(ev_tok_boost):
         return [{"arch": "relu", "method": m, "explained_variance": ci(ev, 0.05),
                  "explained_variance_per_token": ci(tok, 0.001), "mse": ci(mse, 1.0), "train_flops": {"mean": 1.0},
-                 "train_seconds": {"mean": 1.0}, "dead_fraction": {"mean": 0.0}, "delta_lm_loss": {"mean": 0.1}}
+                 "train_seconds": {"mean": 1.0}, "dead_fraction": {"mean": 0.0}, "delta_lm_loss": {"mean": 0.1},
+                 "diversity_fraction": {"mean": 0.5 if m == "bagging" else 1.0}, "n_features": 8 if m == "single" else 64}
                 for m, ev, tok, mse in (("single", 0.55, 0.70, 40.0), ("expanded", 0.60, 0.75, 35.0),
                                         ("bagging", 0.57, 0.72, 37.0), ("boosting", 0.62, ev_tok_boost, 30.0))]
 
@@ -207,6 +208,11 @@ def test_report_reads_a_tie_in_one_definition_of_ev_as_no_contradiction():
     assert "pick boosting" in line and "DISAGREE" not in line
     line = report.intrinsic_findings({"setting": {"scale": {"members": 8}}, "rows": rows(0.74), "runs": {}})[0]
     assert "Per-token EV (SAELens) best: expanded; lowest MSE: boosting" in line and "DISAGREE" in line
+    redundancy = next(x for x in report.intrinsic_findings({"setting": {"scale": {"members": 8}}, "rows": rows(0.74),
+                                                            "runs": {}}) if "Redundancy" in x)
+    assert "bagging 0.500" in redundancy and "32 have no near-copy among its 8 members (the expanded SAE: 64 of 64)" in redundancy
+    partial = report.intrinsic_findings({"setting": {"scale": {"members": 8}}, "rows": rows(0.74)[:1], "runs": {}})
+    assert partial == ["- **relu**: rows still training (done: single)."]  # no verdict from one row
 
 
 def test_probing_accuracy_interval_over_test_documents():
