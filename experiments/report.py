@@ -73,17 +73,16 @@ def intrinsic_findings(t1: dict) -> list[str]:
                    f"the smaller models). Here: bagging {f3(ev['bagging'])} vs expanded {f3(ev['expanded'])} -> "
                    f"{word}.")
         if all("stability" in r for r in rows.values()):
-            st = rows
             txt = ", ".join(f"{m} {common.fmt_ci(r['stability'], r['stability_ci_low'], r['stability_ci_high'])}"
-                            for m, r in st.items())
-            higher = st["bagging"]["stability"] > st["expanded"]["stability"] and \
-                st["boosting"]["stability"] > st["expanded"]["stability"]
-            sep = _disjoint_above(st["bagging"], st["expanded"]) and _disjoint_above(st["boosting"], st["expanded"])
+                            for m, r in rows.items())
+            higher = rows["bagging"]["stability"] > rows["expanded"]["stability"] and \
+                rows["boosting"]["stability"] > rows["expanded"]["stability"]
+            sep = _disjoint_above(rows["bagging"], rows["expanded"]) and _disjoint_above(rows["boosting"], rows["expanded"])
             verdict = ("consistent, and the 95% CIs are disjoint" if higher and sep else
                        "no difference: the same direction, but the CIs overlap" if higher else "NOT consistent")
-            if all("stability_chance" in r for r in st.values()):
+            if all("stability_chance" in r for r in rows.values()):
                 txt += "; chance level (random unit vectors of the same counts) and ratio over it: " + ", ".join(
-                    f"{m} {f3(r['stability_chance'])} ({r['stability'] / r['stability_chance']:.2f}x)" for m, r in st.items())
+                    f"{m} {f3(r['stability_chance'])} ({r['stability'] / r['stability_chance']:.2f}x)" for m, r in rows.items())
             out.append(f"- **Stability, {arch}** (paper: bagging and boosting about 0.6-0.75 vs 0.2-0.37 for the "
                        f"expanded SAE; mean [95% CI] over {rows['bagging']['runs']} independent ensembles). Here: {txt} "
                        f"-> {verdict}.")
