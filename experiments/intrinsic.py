@@ -284,7 +284,7 @@ def setting(scale: common.Scale, acts) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    from saeens.tables import ev_drivers_line, format_table
+    from saeens.tables import ev_drivers_line, format_table, per_member_text
 
     s = result["setting"]
     sc = s["scale"]
@@ -325,9 +325,7 @@ def markdown(result: dict[str, Any]) -> str:
     if any(means for _, means in members):
         lines += ["", "## Each member's (boosting: each stage's) l0 and dead fraction", "",
                   "Mean over seeds, on the test tokens (saeens.metrics.finalize's per-member split):", ""]
-        lines += [f"- {r['arch']} {r['method']}: l0 {' / '.join(f'{v:.3g}' for v in means['l0_per_member'])}; dead "
-                  f"fraction {' / '.join(f'{v:.3g}' for v in means['dead_fraction_per_member'])}"
-                  for r, means in members if means]
+        lines += [f"- {r['arch']} {r['method']}: {per_member_text(means)}" for r, means in members if means]
     return "\n".join(lines)
 
 

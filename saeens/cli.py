@@ -167,8 +167,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         result["feature_recovery"] = _feature_recovery(args.run, truth)
     print_table([{"run": args.run, **result}])
     print(ev_drivers_line(result))
-    if members_line(result):
-        print(members_line(result))
+    if line := members_line(result):
+        print(line)
     _write_json(args.json_out, result)
 
 

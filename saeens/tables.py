@@ -37,7 +37,10 @@ def ev_drivers_line(result: dict[str, Any], n: int = 3) -> str:
 def members_line(result: dict[str, Any]) -> str:
     """One line under an ensemble's evaluation table: each member's (boosting: each stage's) l0 and
     dead fraction (metrics.finalize's per-member split); empty for a single SAE."""
-    if "l0_per_member" not in result:
-        return ""
-    return "per member: l0 " + " / ".join(f"{v:.3g}" for v in result["l0_per_member"]) + "; dead fraction " + \
+    return f"per member: {per_member_text(result)}" if "l0_per_member" in result else ""
+
+
+def per_member_text(result: dict[str, Any]) -> str:
+    """'l0 a / b / ...; dead fraction c / d / ...' of a result holding the per-member split."""
+    return "l0 " + " / ".join(f"{v:.3g}" for v in result["l0_per_member"]) + "; dead fraction " + \
         " / ".join(f"{v:.3g}" for v in result["dead_fraction_per_member"])

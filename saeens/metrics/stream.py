@@ -153,7 +153,7 @@ def finalize(stats: Stats, dense_threshold: float = DENSE_THRESHOLD, members: in
     result["ev_drivers"] = ev_drivers(np.asarray(stats.sums["sse_D"]), np.asarray(stats.m2_D))
     if members > 1:
         fire_JM = np.asarray(stats.fire_F).reshape(members, -1)  # raises unless the features split evenly
-        result["l0_per_member"] = (fire_JM.sum(1, dtype=np.float64) / int(stats.n_tokens)).tolist()
+        result["l0_per_member"] = (fire_JM.sum(1, dtype=np.float64) / result["n_tokens"]).tolist()
         result["dead_fraction_per_member"] = (fire_JM == 0).mean(1).tolist()
     return result
 
