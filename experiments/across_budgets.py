@@ -167,6 +167,25 @@ def claim_lines(result: dict[str, Any]) -> list[str]:
     return out
 
 
+def stage_lines(result: dict[str, Any]) -> list[str]:
+    """Boosting's stability per stage at each budget where it was measured: whether the later stages,
+    whose features other runs do not reproduce, move toward stage 1 as the budget grows."""
+    out = []
+    for arch, a in result["archs"].items():
+        at = [(p["tokens"], p["methods"]["boosting"]) for p in a["points"]
+              if "stability_per_member" in p["methods"].get("boosting", {})]
+        if at:
+            out.append(f"- {arch}, boosting's stability of each stage's features ({a['seeds']} runs): " + "; ".join(
+                f"{tokens:,} tokens: {' / '.join(f'{v:.3g}' for v in b['stability_per_member'])} (chance "
+                f"{b['stability_chance']:.3g})" for tokens, b in at) + ".")
+    return out
+
+
+def finding_lines(result: dict[str, Any]) -> list[str]:
+    """What the report writes: each claim across budgets, then boosting's stages across budgets."""
+    return claim_lines(result) + stage_lines(result)
+
+
 def markdown(result: dict[str, Any]) -> str:
     from saeens.tables import format_table
 
@@ -176,7 +195,7 @@ def markdown(result: dict[str, Any]) -> str:
              "budget (its stage length is the budget). Verdicts: the paper's direction with disjoint 95% intervals "
              "(agrees / disagrees), else no difference.", "",
              f"Regenerate: `python -m experiments.across_budgets --scale {result['scale']}`", "",
-             "## The paper's comparisons as the budget grows", "", *claim_lines(result), ""]
+             "## The paper's comparisons as the budget grows", "", *finding_lines(result), ""]
     for arch, a in result["archs"].items():
         rows = [{"tokens": p["tokens"], "steps": p["steps"], "method": m,
                  **{k: v["mean"] for k, v in r.items() if k in METRICS},

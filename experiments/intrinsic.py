@@ -135,10 +135,14 @@ def committed_row(scale: common.Scale, arch: str, method: str, seeds: int, d_in:
     per_seed = [{"seed": s, **json.loads(p.read_text())} for s, p in enumerate(paths)]
     if seeds < 2:
         return per_seed, {}
-    prefix = vectors_prefix(scale, arch, method)
+    prefix, members = vectors_prefix(scale, arch, method), members_of(scale, method)
     if prefix.with_suffix(".json").is_file():
-        return per_seed, json.loads(prefix.with_suffix(".json").read_text())
-    stab = read_stability(prefix, seeds, d_in)
+        stab = json.loads(prefix.with_suffix(".json").read_text())
+        if members > 1 and "stability_per_member" not in stab and vectors_committed(prefix, seeds):  # kept before the split
+            stab["stability_per_member"] = metrics.stability_of_best(read_vectors(prefix, seeds),
+                                                                     members=members)["per_member"]
+        return per_seed, stab
+    stab = read_stability(prefix, seeds, d_in, members)
     counts = [int(r["n_features"]) for r in per_seed]
     skipped = (f"> {scale.hungarian_max_features} features" if max(counts) > scale.hungarian_max_features
                else "the runs' decoders were not kept (trained in an earlier session)")
@@ -174,7 +178,7 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
                 stab = {}
                 if len(decoders) >= 2:
                     prefix = vectors_prefix(scale, arch, method)
-                    stab = {**stability_of(decoders, prefix), **hungarian_of(decoders, scale)}
+                    stab = {**stability_of(decoders, prefix, members_of(scale, method)), **hungarian_of(decoders, scale)}
                     common.cached_json(prefix.with_suffix(".json"), lambda: stab)
                     for m in ("single", "bagging") if method == "bagging" else (method,):  # single: bagging's rows
                         keep_budget_stability(scale, arch, m, seeds, acts.d_in)
@@ -192,31 +196,34 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
     return result
 
 
-def stability_of(decoders: list, vectors: Path | None = None) -> dict[str, Any]:
+def stability_of(decoders: list, vectors: Path | None = None, members: int = 1) -> dict[str, Any]:
     """Table 1's stability columns: saeens.metrics.stability's mean, Student-t bounds, per-run scores,
-    and its chance level (random unit vectors of the same counts) with the ratio over it. vectors:
-    where each run's per-feature max cosine to the other runs goes (<vectors>-s<r>.npy, float16),
-    small enough to commit and enough to redo any summary of stability without the runs."""
-    s = metrics.stability(decoders)
+    its chance level (random unit vectors of the same counts) with the ratio over it, and for an
+    ensemble (members > 1) each member's (boosting: stage's) stability. vectors: where each run's
+    per-feature max cosine to the other runs goes (<vectors>-s<r>.npy, float16), small enough to
+    commit and enough to redo any summary of stability without the runs."""
+    best = metrics.max_cosines_to_others(decoders)
     if vectors is not None:
         from saeens.io.files import atomic_save_npy
 
         vectors.parent.mkdir(parents=True, exist_ok=True)
-        for r, W_FD in enumerate(decoders):
-            others_GD = np.concatenate([W for q, W in enumerate(decoders) if q != r])
-            best_F = np.asarray(metrics.max_cosine(W_FD, others_GD), np.float16)
-            atomic_save_npy(vector_path(vectors, r), best_F)
-    return _stability_columns(s, [int(d.shape[0]) for d in decoders], int(decoders[0].shape[1]))
+        for r, best_F in enumerate(best):
+            atomic_save_npy(vector_path(vectors, r), best_F.astype(np.float16))
+    return _stability_columns(metrics.stability_of_best(best, members=members), [b.size for b in best],
+                              int(decoders[0].shape[1]))
 
 
-def read_stability(vectors: Path, runs: int, d_in: int) -> dict[str, Any] | None:
-    """stability_of's columns from its committed vectors (each run's score is the mean of its
-    clipped max cosines, as in saeens.metrics.stability_scores); None when a run's vector is missing."""
+def read_stability(vectors: Path, runs: int, d_in: int, members: int = 1) -> dict[str, Any] | None:
+    """stability_of's columns from its committed vectors; None when a run's vector is missing."""
     if not vectors_committed(vectors, runs):
         return None
-    best = [np.load(vector_path(vectors, r)).astype(np.float32) for r in range(runs)]
-    return _stability_columns(metrics.mean_ci([float(np.maximum(b, 0.0).mean()) for b in best]),
-                              [b.size for b in best], d_in)
+    best = read_vectors(vectors, runs)
+    return _stability_columns(metrics.stability_of_best(best, members=members), [b.size for b in best], d_in)
+
+
+def read_vectors(vectors: Path, runs: int) -> list[np.ndarray]:
+    """Each run's committed per-feature max-cosine vector under the prefix `vectors`."""
+    return [np.load(vector_path(vectors, r)).astype(np.float32) for r in range(runs)]
 
 
 def vectors_committed(vectors: Path, runs: int) -> bool:
@@ -229,11 +236,19 @@ def vector_path(vectors: Path, run: int) -> Path:
     return vectors.with_name(f"{vectors.name}-s{run}.npy")
 
 
+def members_of(scale: common.Scale, method: str) -> int:
+    """The member count that a row's features split into (1: a single or expanded SAE)."""
+    return scale.members if method in ("bagging", "boosting") else 1
+
+
 def _stability_columns(s: dict[str, Any], counts: list[int], d_in: int) -> dict[str, Any]:
     chance = metrics.stability_chance(counts, d_in)["stability"]
-    return {"stability": s["mean"], "stability_ci_low": s["ci_low"], "stability_ci_high": s["ci_high"],
-            "stability_scores": s["scores"], "stability_chance": chance,
-            "stability_over_chance": metrics.over_chance(s["mean"], chance)}
+    out = {"stability": s["mean"], "stability_ci_low": s["ci_low"], "stability_ci_high": s["ci_high"],
+           "stability_scores": s["scores"], "stability_chance": chance,
+           "stability_over_chance": metrics.over_chance(s["mean"], chance)}
+    if "per_member" in s:  # each block's chance level is the run's (its features search the same other runs)
+        out["stability_per_member"] = s["per_member"]
+    return out
 
 
 def budget_stability(scale: common.Scale, arch: str, method: str, recs: list[dict[str, Any]], d_in: int
@@ -243,13 +258,13 @@ def budget_stability(scale: common.Scale, arch: str, method: str, recs: list[dic
     the decoders when every one is at hand (its vectors committed), else from the committed vectors,
     else nothing (the decoders went with an earlier session's machine). At table 1's own budget the
     row's vectors are the same numbers."""
-    prefix = vectors_prefix(scale, arch, method, recs[0]["tokens"])
+    prefix, members = vectors_prefix(scale, arch, method, recs[0]["tokens"]), members_of(scale, method)
     if all(Path(r["decoder"]).is_file() for r in recs):
-        return stability_of([np.load(r["decoder"])[: r.get("member_rows")] for r in recs], prefix)
+        return stability_of([np.load(r["decoder"])[: r.get("member_rows")] for r in recs], prefix, members)
     table_tokens = common.run_config(scale, d_in, arch, "bagging", scale.members, 0).train.n_steps * scale.batch_size
     if recs[0]["tokens"] == table_tokens:
         prefix = vectors_prefix(scale, arch, method)
-    return read_stability(prefix, len(recs), d_in) or {}
+    return read_stability(prefix, len(recs), d_in, members) or {}
 
 
 def keep_budget_stability(scale: common.Scale, arch: str, method: str, seeds: int, d_in: int) -> None:
@@ -284,7 +299,7 @@ def setting(scale: common.Scale, acts) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    from saeens.tables import ev_drivers_line, format_table, per_member_text
+    from saeens.tables import ev_drivers_line, format_table, per_member_text, stability_members_line
 
     s = result["setting"]
     sc = s["scale"]
@@ -321,11 +336,17 @@ def markdown(result: dict[str, Any]) -> str:
         first = result["runs"][f"{r['arch']}/{r['method']}"][0]
         if first.get("ev_drivers"):
             lines.append(f"- {r['arch']} {r['method']}: {ev_drivers_line(first)}")
-    members = [(r, per_member_means(result["runs"][f"{r['arch']}/{r['method']}"])) for r in result["rows"]]
-    if any(means for _, means in members):
-        lines += ["", "## Each member's (boosting: each stage's) l0 and dead fraction", "",
-                  "Mean over seeds, on the test tokens (saeens.metrics.finalize's per-member split):", ""]
-        lines += [f"- {r['arch']} {r['method']}: {per_member_text(means)}" for r, means in members if means]
+    members = []
+    for r in result["rows"]:
+        means = per_member_means(result["runs"][f"{r['arch']}/{r['method']}"])
+        parts = ([per_member_text(means)] if means else []) + [stability_members_line(r)]
+        if any(parts):
+            members.append(f"- {r['arch']} {r['method']}: " + "; ".join(p for p in parts if p))
+    if members:
+        lines += ["", "## Each member's (boosting: each stage's) l0, dead fraction and stability", "",
+                  "Mean over seeds; l0 and dead fraction on the test tokens (saeens.metrics.finalize's per-member "
+                  "split), stability over each member's features alone (saeens.metrics.stability_per_member):", ""]
+        lines += members
     return "\n".join(lines)
 
 

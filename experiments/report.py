@@ -94,14 +94,8 @@ def intrinsic_findings(t1: dict) -> list[str]:
                    f"{rows['bagging']['n_features']} features, {div['bagging'] * rows['bagging']['n_features']:.0f} "
                    f"have no near-copy among its {J} members (the expanded SAE: "
                    f"{div['expanded'] * rows['expanded']['n_features']:.0f} of {rows['expanded']['n_features']}).")
-        stages = intrinsic.per_member_means(t1["runs"].get(f"{arch}/boosting", []))
-        if stages:
-            l0 = stages["l0_per_member"]
-            late = len(l0) // 2
-            out.append(f"- **Boosting's stages, {arch}** (the paper reports the ensemble only). L0 per stage on the "
-                       f"test tokens, mean over seeds: {' / '.join(f'{v:.3g}' for v in l0)}; the last {late} stages "
-                       f"fire {100 * sum(l0[-late:]) / sum(l0):.0f}% of the ensemble's L0 (an even split: "
-                       f"{100 * late / len(l0):.0f}%).")
+        if line := stages_line(arch, rows, t1["runs"].get(f"{arch}/boosting", [])):
+            out.append(line)
         fl = {m: r["train_flops"]["mean"] for m, r in rows.items()}
         sec = {m: r["train_seconds"]["mean"] for m, r in rows.items()}
         out.append(f"- **Training compute, {arch}** (reviewers: compute was not matched, ensembles took up to ~10x "
@@ -113,6 +107,38 @@ def intrinsic_findings(t1: dict) -> list[str]:
                    + "; delta LM loss: " + ", ".join(f"{m} {f3(r['delta_lm_loss']['mean'])}"
                                                       for m, r in rows.items()) + ".")
     return out
+
+
+def stages_line(arch: str, rows: dict[str, dict], boosting_runs: list[dict]) -> str:
+    """Boosting's stages one by one (the paper reports the ensemble only): L0 per stage, and the
+    stability of each stage's features alone against the chance level they share and the single SAE's
+    (stage 1 is a single SAE trained on the activations); '' when the records hold neither."""
+    boost = rows["boosting"]
+    stages = intrinsic.per_member_means(boosting_runs)
+    per_stage = boost.get("stability_per_member")
+    parts = []
+    if stages:
+        l0 = stages["l0_per_member"]
+        late = len(l0) // 2
+        parts.append(f"L0 per stage on the test tokens, mean over seeds: {' / '.join(f'{v:.3g}' for v in l0)}; the "
+                     f"last {late} stages fire {100 * sum(l0[-late:]) / sum(l0):.0f}% of the ensemble's L0 (an even "
+                     f"split: {100 * late / len(l0):.0f}%)")
+    if per_stage:
+        late, chance, single = len(per_stage) // 2, boost["stability_chance"], rows["single"]
+        late_x = float(np.mean(per_stage[-late:])) / chance
+        txt = (f"stability of each stage's features: {' / '.join(f'{v:.3g}' for v in per_stage)} (chance "
+               f"{f3(chance)} for each); stage 1 {f3(per_stage[0])} against the single SAE's "
+               f"{common.fmt_ci(single['stability'], single['stability_ci_low'], single['stability_ci_high'])} (chance "
+               f"{f3(single['stability_chance'])}), the "
+               f"last {late} stages {late_x:.2f}x chance on average")
+        if per_stage[0] >= single["stability_ci_low"] and late_x < 1.5:
+            txt += (": the other runs reproduce stage 1 as they reproduce a single SAE, but not the later stages' "
+                    f"features, so boosting's low stability ({f3(boost['stability'])}) is its later stages'")
+        parts.append(txt)
+    if not parts:
+        return ""
+    text = "; ".join(parts)
+    return f"- **Boosting's stages, {arch}** (the paper reports the ensemble only). {text[0].upper()}{text[1:]}."
 
 
 def sweep_findings(sw: dict) -> list[str]:
@@ -201,7 +227,7 @@ def findings(scale: common.Scale) -> str:
              f"JSONs in `{common.results_dir(scale).relative_to(common.ROOT.parent)}/`.", ""]
     for title, data, fn in (("Intrinsic metrics at J = members (table 1)", t1, intrinsic_findings),
                             ("Table 1's comparisons as the budget grows (the same seeds)", load(scale, "across_budgets"),
-                             across_budgets.claim_lines),
+                             across_budgets.finding_lines),
                             ("The effect of J (figure 2)", sw, sweep_findings),
                             ("Sparsity vs fidelity (figure 3)", pa, pareto_findings)):
         lines += [f"### {title}", ""] + (fn(data) if data else ["- not run yet"]) + [""]

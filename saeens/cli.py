@@ -194,10 +194,12 @@ def _feature_recovery(run: str, truth: Path) -> float:
 
 def cmd_stability(args: argparse.Namespace) -> None:
     from saeens.evals.stability import stability_of_runs
-    from saeens.tables import print_table
+    from saeens.tables import print_table, stability_members_line
 
     result = stability_of_runs(args.runs)
     print_table([{k: v for k, v in result.items() if not isinstance(v, list) and k != "ci_note"}])
+    if line := stability_members_line(result):
+        print(line)
     if result["ci_note"]:
         print(f"note: {result['ci_note']}")
     _write_json(args.json_out, result)

@@ -40,6 +40,15 @@ def members_line(result: dict[str, Any]) -> str:
     return f"per member: {per_member_text(result)}" if "l0_per_member" in result else ""
 
 
+def stability_members_line(result: dict[str, Any]) -> str:
+    """One line under `saeens stability`'s table for ensembles: the stability of each member's (boosting:
+    each stage's) features alone, beside the chance level they share; empty for single SAEs."""
+    if "stability_per_member" not in result:
+        return ""
+    return ("stability per member: " + " / ".join(f"{v:.3g}" for v in result["stability_per_member"])
+            + f" (chance {result['stability_chance']:.3g} for each)")
+
+
 def per_member_text(result: dict[str, Any]) -> str:
     """'l0 a / b / ...; dead fraction c / d / ...' of a result holding the per-member split."""
     return "l0 " + " / ".join(f"{v:.3g}" for v in result["l0_per_member"]) + "; dead fraction " + \

@@ -59,6 +59,8 @@ def test_train_evaluate_export_stability(acts, run, tmp_path, capsys):
     assert main(["stability", str(run), str(run2), "--json", str(stab)]) == 0
     s = json.loads(stab.read_text())
     assert 0 < s["stability"] <= 1 and len(s["stability_scores"]) == 2
+    assert np.mean(s["stability_per_member"]) == pytest.approx(np.mean(s["stability_scores"]), rel=1e-5)
+    assert f"stability per member: {s['stability_per_member'][0]:.3g} / " in capsys.readouterr().out
 
 
 def test_rerunning_a_finished_run_resumes_and_keeps_it(acts, run, capsys):

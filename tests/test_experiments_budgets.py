@@ -215,6 +215,30 @@ def test_report_reads_a_tie_in_one_definition_of_ev_as_no_contradiction():
     assert partial == ["- **relu**: rows still training (done: single)."]  # no verdict from one row
 
 
+def test_report_traces_boosting_stability_to_its_stages():
+    """Stage 1 as stable as the single SAE and the later stages near chance: the line says the
+    ensemble's low stability is the later stages'; a stage 1 below the single SAE's interval, or late
+    stages well above chance, gets the numbers without that conclusion."""
+    from experiments import report
+
+    def rows(per_stage):
+        return {"single": {"stability": 0.64, "stability_ci_low": 0.63, "stability_ci_high": 0.65, "stability_chance": 0.15},
+                "boosting": {"stability": float(np.mean(per_stage)), "stability_chance": 0.17,
+                             "stability_per_member": per_stage}}
+
+    runs = [{"l0_per_member": [20.0, 8.0, 2.0, 2.0], "dead_fraction_per_member": [0.0, 0.0, 0.1, 0.2]}] * 2
+    line = report.stages_line("topk", rows([0.645, 0.25, 0.18, 0.175]), runs)
+    assert line.startswith("- **Boosting's stages, topk** (the paper reports the ensemble only). L0 per stage")
+    assert "the last 2 stages fire 12% of the ensemble's L0 (an even split: 50%)" in line
+    assert "stability of each stage's features: 0.645 / 0.25 / 0.18 / 0.175 (chance 0.170 for each)" in line
+    assert "the last 2 stages 1.04x chance on average: the other runs reproduce stage 1" in line
+    assert "is its later stages'" not in report.stages_line("topk", rows([0.5, 0.25, 0.18, 0.175]), runs)
+    assert "is its later stages'" not in report.stages_line("topk", rows([0.645, 0.5, 0.4, 0.4]), runs)
+    assert report.stages_line("topk", rows([0.645, 0.25, 0.18, 0.175]), []).startswith(
+        "- **Boosting's stages, topk** (the paper reports the ensemble only). Stability of each stage's")
+    assert report.stages_line("topk", {"single": {}, "boosting": {}}, []) == ""
+
+
 def test_probing_accuracy_interval_over_test_documents():
     ci = uncertainty.accuracy_ci([(0.8, 100), (0.6, 50)])
     assert ci["mean"] == pytest.approx(0.7) and ci["ci_low"] < 0.7 < ci["ci_high"]

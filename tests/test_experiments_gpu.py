@@ -5,6 +5,7 @@ budget evaluations on the way, findings), written under a temporary work and res
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 from experiments import across_budgets, common, convergence, intrinsic, pareto, report, run_all
@@ -71,6 +72,11 @@ def test_gpu_scale_command_path_at_toy_size(toy_gpu, tmp_path, capsys):
     text = (results / "findings.md").read_text()
     assert "chance level" in text and "as the budget grows" in text and "512 tokens:" in text
     assert "**Boosting's stages, topk**" in text and "the last 1 stages fire" in text
+    per_stage = rows["boosting"]["stability_per_member"]  # the run's score is the mean of its two equal stages'
+    assert len(per_stage) == 2 and np.mean(per_stage) == pytest.approx(rows["boosting"]["stability"], rel=1e-5)
+    assert "stability of each stage's features: " in text and "stability per member: " in (results / "intrinsic.md").read_text()
+    assert len(ab["points"][0]["methods"]["boosting"]["stability_per_member"]) == 2  # the twins at the old budget
+    assert "topk, boosting's stability of each stage's features (2 runs): 512 tokens: " in text and "; 2,048 tokens: " in text
 
 
 def test_pareto_front_at_toy_size_takes_each_single_sae_from_a_bagging_run(toy_gpu, tmp_path):

@@ -220,6 +220,31 @@ def test_stability_matches_reference_and_extremes():
         metrics.stability([W])
 
 
+def test_stability_per_member_splits_each_runs_features_by_member():
+    """Member 0 of every run is (nearly) one shared dictionary, member 1 is each run's own noise: the
+    split shows which member the other runs reproduce, each block against the loop reference."""
+    rng = np.random.default_rng(11)
+    J, m, d = 2, 12, 16
+    W = unit_rows(rng, m, d)
+    decs = [np.concatenate([W + 0.05 * rng.standard_normal((m, d)).astype(np.float32), unit_rows(rng, m, d)])
+            for _ in range(3)]
+    best = metrics.max_cosines_to_others(decs)
+    for r, b in enumerate(best):  # the vector stability averages: each feature's max cosine to the other runs
+        others = np.concatenate([D for q, D in enumerate(decs) if q != r])
+        np.testing.assert_allclose(b, cos_np(decs[r], others).max(1), atol=1e-6)
+    per_RJ = metrics.stability_per_member(best, J)
+    ref_RJ = np.array([[np.maximum(b[j * m:(j + 1) * m], 0).mean() for j in range(J)] for b in best])
+    np.testing.assert_allclose(per_RJ, ref_RJ, rtol=1e-6)
+    assert (per_RJ[:, 0] > 0.95).all() and (per_RJ[:, 1] < 0.8).all()
+    out = metrics.stability(decs, members=J)  # the run's score is the mean of its members' (equal blocks)
+    np.testing.assert_allclose(out["per_member"], ref_RJ.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(out["scores"], ref_RJ.mean(1), rtol=1e-6)
+    assert "per_member" not in metrics.stability(decs)
+    assert metrics.stability_of_best(best, members=J) == out  # from vectors kept instead of the decoders
+    with pytest.raises(ValueError):
+        metrics.stability_per_member(best, 5)  # 24 features do not split into 5 members
+
+
 def test_hungarian_stability_matches_bruteforce():
     rng = np.random.default_rng(6)
     A, B = unit_rows(rng, 6, 4), unit_rows(rng, 6, 4)

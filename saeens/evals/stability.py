@@ -81,7 +81,8 @@ def check_comparable(idents: list[dict[str, Any]]) -> None:
 
 def stability_of_runs(runs: list[str | Path]) -> dict[str, Any]:
     """Mean-max-cosine stability (and the Hungarian variant) of R runs that differ only by seed, each
-    beside its chance level (random unit vectors of the same counts, seed 0) and its ratio over it."""
+    beside its chance level (random unit vectors of the same counts, seed 0) and its ratio over it;
+    for ensembles also stability_per_member (boosting: per stage), whose chance level is the run's."""
     from saeens.train import load_ensemble
 
     loaded = [load_ensemble(r) for r in runs]  # a directory that holds no finished run says so here
@@ -95,7 +96,7 @@ def stability_of_runs(runs: list[str | Path]) -> dict[str, Any]:
         "seeds": [idt["seed"] for idt in idents],
         "features_per_run": [int(d.shape[0]) for d in decoders],
     }
-    results = [("stability", metrics.stability(decoders))]
+    results = [("stability", metrics.stability(decoders, members=first["members"] or 1))]
     if max(d.shape[0] for d in decoders) <= MAX_HUNGARIAN:  # an F x F float64 matrix per pair, O(F^3)
         results.append(("hungarian_stability", metrics.hungarian_stability(decoders)))
     chance = metrics.stability_chance(out["features_per_run"], decoders[0].shape[1], hungarian=len(results) > 1)
@@ -109,6 +110,8 @@ def stability_of_runs(runs: list[str | Path]) -> dict[str, Any]:
         out[f"{name}_scores"] = result["scores"]
         if note:
             notes.append(note)
+    if "per_member" in results[0][1]:  # each member's (boosting: stage's) features alone; chance: the run's
+        out["stability_per_member"] = results[0][1]["per_member"]
     out["ci_note"] = " ".join(notes) or None
     return out
 

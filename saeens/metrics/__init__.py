@@ -32,6 +32,7 @@ from saeens.metrics.dictionary import (
     hungarian_match,
     hungarian_stability,
     max_cosine,
+    max_cosines_to_others,
     mean_ci,
     normalize_rows,
     over_chance,
@@ -39,6 +40,8 @@ from saeens.metrics.dictionary import (
     shared_latent_fraction,
     stability,
     stability_chance,
+    stability_of_best,
+    stability_per_member,
     stability_scores,
 )
 from saeens.metrics.stream import Stats, evaluate_stream, finalize, init_stats, update_stats, update_stats_jit
@@ -68,6 +71,7 @@ __all__ = [
     "init_stats",
     "l0",
     "max_cosine",
+    "max_cosines_to_others",
     "mean_ci",
     "mse",
     "normalize_rows",
@@ -77,6 +81,8 @@ __all__ = [
     "shared_latent_fraction",
     "stability",
     "stability_chance",
+    "stability_of_best",
+    "stability_per_member",
     "stability_scores",
     "update_stats",
     "update_stats_jit",

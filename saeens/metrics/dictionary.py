@@ -97,28 +97,55 @@ def mean_ci(values: Sequence[float] | np.ndarray, confidence: float = 0.95) -> d
     }
 
 
-def stability_scores(decoders: Sequence[jax.Array], block_size: int = 4096) -> np.ndarray:
-    """Per run r: mean over its features of max(0, max cosine to the union of the OTHER runs' features) [R]."""
+def max_cosines_to_others(decoders: Sequence[jax.Array], block_size: int = 4096) -> list[np.ndarray]:
+    """Per run r: each of its features' max cosine to the union of the OTHER runs' features [F_r]
+    (what stability averages; `stability_per_member` splits it by member)."""
     if len(decoders) < 2:
         raise ValueError(f"stability needs at least 2 independent runs, got {len(decoders)}")
-    scores = []
+    out = []
     for r, W_FD in enumerate(decoders):
         others_GD = jnp.concatenate([jnp.asarray(W) for s, W in enumerate(decoders) if s != r])
-        best_F = max_cosine(W_FD, others_GD, block_size=block_size)
-        scores.append(float(jnp.mean(jnp.maximum(best_F, 0.0))))
-    return np.asarray(scores)
+        out.append(np.asarray(max_cosine(W_FD, others_GD, block_size=block_size), np.float32))
+    return out
+
+
+def stability_scores(decoders: Sequence[jax.Array], block_size: int = 4096) -> np.ndarray:
+    """Per run r: mean over its features of max(0, max cosine to the union of the OTHER runs' features) [R]."""
+    return np.asarray(stability_of_best(max_cosines_to_others(decoders, block_size))["scores"])
+
+
+def stability_per_member(best_per_run: Sequence[np.ndarray], members: int) -> np.ndarray:
+    """[R, J]: each run's stability over each member's (boosting: each stage's) features alone, from
+    `max_cosines_to_others` of runs whose features are J equal blocks in member order. Every feature
+    searches the same other runs, so each block's chance level is the whole run's; a block near it
+    holds features that the other runs did not find."""
+    return np.stack([np.maximum(np.asarray(best_F, np.float32), 0.0).reshape(members, -1).mean(1, dtype=np.float64)
+                     for best_F in best_per_run])  # reshape raises unless the features split evenly
 
 
 def stability(
-    decoders: Sequence[jax.Array], confidence: float = 0.95, block_size: int = 4096
+    decoders: Sequence[jax.Array], confidence: float = 0.95, block_size: int = 4096, members: int = 1
 ) -> dict[str, Any]:
     """The paper's stability: do independent runs (disjoint seeds) find the same features?
 
     decoders: one concatenated dictionary [F_r, D] per independently trained ensemble (or SAE).
     Returns mean_ci of the per-run scores (see `stability_scores`): "scores", "mean", "ci_low",
-    "ci_high", "ci_half_width" (Student t with R-1 degrees of freedom).
+    "ci_high", "ci_half_width" (Student t with R-1 degrees of freedom); with members > 1, also
+    "per_member" (`stability_of_best`).
     """
-    return mean_ci(stability_scores(decoders, block_size), confidence)
+    return stability_of_best(max_cosines_to_others(decoders, block_size), confidence, members)
+
+
+def stability_of_best(best_per_run: Sequence[np.ndarray], confidence: float = 0.95, members: int = 1
+                      ) -> dict[str, Any]:
+    """`stability` from each run's `max_cosines_to_others` vector (e.g. kept on disk instead of the
+    decoders). members > 1 (an ensemble's member count) adds "per_member": the mean over runs of
+    `stability_per_member`, which shows, e.g., which of boosting's stages the other runs reproduce."""
+    out = mean_ci([np.maximum(np.asarray(b, np.float32), 0.0).mean(dtype=np.float64) for b in best_per_run],
+                  confidence)
+    if members > 1:
+        out["per_member"] = stability_per_member(best_per_run, members).mean(0).tolist()
+    return out
 
 
 def random_decoders(counts: Sequence[int], d_in: int, seed: int = 0) -> list[np.ndarray]:
