@@ -257,13 +257,14 @@ def budget_stability(scale: common.Scale, arch: str, method: str, recs: list[dic
     `decoder` and, for the single SAE, the `member_rows` of bagging's decoder that are its own): from
     the decoders when every one is at hand (its vectors committed), else from the committed vectors,
     else nothing (the decoders went with an earlier session's machine). At table 1's own budget the
-    row's vectors are the same numbers."""
-    prefix, members = vectors_prefix(scale, arch, method, recs[0]["tokens"]), members_of(scale, method)
+    row's committed vectors are read (the same numbers, kept once)."""
+    members = members_of(scale, method)
+    table_tokens = common.run_config(scale, d_in, arch, "bagging", scale.members, 0).train.n_steps * scale.batch_size
+    if recs[0]["tokens"] == table_tokens and vectors_committed(vectors_prefix(scale, arch, method), len(recs)):
+        return read_stability(vectors_prefix(scale, arch, method), len(recs), d_in, members)  # table 1's own
+    prefix = vectors_prefix(scale, arch, method, recs[0]["tokens"])
     if all(Path(r["decoder"]).is_file() for r in recs):
         return stability_of([np.load(r["decoder"])[: r.get("member_rows")] for r in recs], prefix, members)
-    table_tokens = common.run_config(scale, d_in, arch, "bagging", scale.members, 0).train.n_steps * scale.batch_size
-    if recs[0]["tokens"] == table_tokens:
-        prefix = vectors_prefix(scale, arch, method)
     return read_stability(prefix, len(recs), d_in, members) or {}
 
 

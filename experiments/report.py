@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments import across_budgets, common, concept_detection, intrinsic
+from experiments import across_budgets, boosting_stages, common, concept_detection, intrinsic
 from experiments.uncertainty import NO_DIFFERENCE, best_of, compare
 
 START, END = "<!-- FINDINGS:START (written by experiments/report.py) -->", "<!-- FINDINGS:END -->"
@@ -228,6 +228,8 @@ def findings(scale: common.Scale) -> str:
     for title, data, fn in (("Intrinsic metrics at J = members (table 1)", t1, intrinsic_findings),
                             ("Table 1's comparisons as the budget grows (the same seeds)", load(scale, "across_budgets"),
                              across_budgets.finding_lines),
+                            ("Why boosting's later stages are not reproduced", load(scale, "boosting_stages"),
+                             boosting_stages.finding_lines),
                             ("The effect of J (figure 2)", sw, sweep_findings),
                             ("Sparsity vs fidelity (figure 3)", pa, pareto_findings)):
         lines += [f"### {title}", ""] + (fn(data) if data else ["- not run yet"]) + [""]

@@ -1,5 +1,5 @@
 """Every experiment in order, resumably: cache -> sparsity probe -> the data policy at the old budget ->
-convergence -> table 1 -> table 1 across budgets -> probing -> SCR -> Pareto -> J sweep -> report.
+convergence -> table 1 -> table 1 across budgets -> boosting's stages -> probing -> SCR -> Pareto -> J sweep -> report.
 Probing, SCR and Pareto's main-k points evaluate the same seed-0 runs of table 1, so they come
 together (a session that must train those runs again trains them once); the J sweep, whose
 independent ensembles must all be trained in one session, comes last.
@@ -23,12 +23,12 @@ from __future__ import annotations
 import json
 import time
 
-from experiments import (across_budgets, common, concept_detection, convergence, data_policy, effect_of_j, intrinsic,
-                         pareto, report, sparsity_probe, spurious_removal)
+from experiments import (across_budgets, boosting_stages, common, concept_detection, convergence, data_policy,
+                         effect_of_j, intrinsic, pareto, report, sparsity_probe, spurious_removal)
 from experiments import estimate as planned
 
 STEPS = (("sparsity_probe", sparsity_probe.main), ("data_policy", data_policy.main), ("convergence", convergence.main),
-         ("intrinsic", intrinsic.main), ("across_budgets", across_budgets.main),
+         ("intrinsic", intrinsic.main), ("across_budgets", across_budgets.main), ("boosting_stages", boosting_stages.main),
          ("concept_detection", concept_detection.main), ("spurious_removal", spurious_removal.main),
          ("pareto", pareto.main), ("effect_of_j", effect_of_j.main), ("report", report.main))
 
@@ -56,7 +56,9 @@ def estimate(scale: common.Scale, d_in: int = 576) -> dict[str, dict[str, float]
                     across_budgets.boosting_runs(scale, d_in, a, s)[:-1]) for a, n in intrinsic.arch_seeds(scale)}
     return {"sparsity_probe": {"dense": probe}, "data_policy": {"topk": policy["topk"], "dense": policy["relu"]},
             "convergence": {"topk": conv}, "intrinsic": {"topk": t1, "dense": dense},
-            "across_budgets": {"topk": twins.pop("topk"), "dense": sum(twins.values())}, "pareto": {"topk": pa}}
+            "across_budgets": {"topk": twins.pop("topk"), "dense": sum(twins.values())}, "pareto": {"topk": pa},
+            "boosting_stages": {"topk": sum(common.train_flops(run, scale.cache_tokens) / 1e12
+                                            for _, run in boosting_stages.all_residual_runs(scale, d_in))}}
 
 
 def remaining(scale: common.Scale, d_in: int = 576) -> dict[str, dict[str, float]]:
@@ -90,6 +92,8 @@ def remaining(scale: common.Scale, d_in: int = 576) -> dict[str, dict[str, float
         (name, run) for arch, seeds in intrinsic.arch_seeds(scale) for s in range(seeds) if todo("across_budgets")
         for name, run in across_budgets.boosting_runs(scale, d_in, arch, s)[:-1]
         if not across_budgets.twin_stability_committed(scale, arch, run, seeds)])
+    out["boosting_stages"] = cost([r for r in [*table("topk", "boosting", 1), *boosting_stages.all_residual_runs(scale, d_in)]
+                                   if todo("boosting_stages")])  # table 1's boosting seed 0: its stage 1
     for part in ("concept_detection", "spurious_removal"):  # the seed-0 TopK runs of table 1
         out[part] = cost([r for m in common.METHODS if todo(part) for r in table("topk", m, 1)])
     out["pareto"] = cost([pareto.point_run(scale, d_in, m, k) for k in scale.pareto_ks for m in common.METHODS

@@ -151,7 +151,8 @@ def test_estimate_prints_planned_hours_from_measured_throughput(work, capsys):
     rates = estimate.measure(scale, d_in=16, steps=1)
     assert set(rates) == {"topk", "dense"} and all(r > 0 for r in rates.values())
     parts = run_all.estimate(scale, d_in=16)
-    assert set(parts) == {"sparsity_probe", "data_policy", "convergence", "intrinsic", "across_budgets", "pareto"}
+    assert set(parts) == {"sparsity_probe", "data_policy", "convergence", "intrinsic", "across_budgets", "pareto",
+                          "boosting_stages"}
     planned = estimate.plan(parts, rates)
     want = sum(t * 1e12 / rates[k] for kinds in parts.values() for k, t in kinds.items()) / 3600
     assert planned["total_hours"] == pytest.approx(want, abs=0.01)
@@ -169,6 +170,10 @@ def test_estimate_prints_planned_hours_from_measured_throughput(work, capsys):
     twin = common.run_config(common.SCALES["full"], 576, "topk", "boosting", 8, 0)
     twin = dataclasses.replace(twin, train=dataclasses.replace(twin.train, n_tokens=300 * 1024))
     assert full["across_budgets"]["topk"] == pytest.approx(4 * common.train_flops(twin, 2_000_000) / 1e12)
+    # boosting_stages: 4 single SAEs on one stage-1 residual at the twins' budget, and 4 at table 1's
+    one = common.run_config(common.SCALES["full"], 576, "topk", "single", 1, 0)
+    assert full["boosting_stages"]["topk"] == pytest.approx(4 * sum(common.train_flops(
+        common.with_tokens(one, t), 2_000_000) for t in (300 * 1024, one.train.n_tokens)) / 1e12)
     assert common.SCALES["full"].train_tokens >= 3_000_000 and common.SCALES["full"].other_train_tokens >= 1_500_000
     assert common.SCALES["gpu"].train_tokens >= 30_000_000
     assert json.dumps(planned)
