@@ -244,6 +244,29 @@ def test_report_traces_boosting_stability_to_its_stages():
     assert report.stages_line("topk", {"single": {}, "boosting": {}}, []) == ""
 
 
+def test_report_shows_the_first_studys_result_labelled_until_the_new_one_lands(tmp_path, monkeypatch):
+    """A part of the long-budget study that has not run yet shows the first study's result (from
+    results/first-study/) with a note; a part the first study lacked says 'not run yet'; a part that
+    has run shows its own, without the note."""
+    from experiments import report
+
+    monkeypatch.setattr(common, "ROOT", tmp_path / "experiments")
+    scale = common.SCALES["full"]
+    first = common.results_dir(scale) / report.FIRST_STUDY
+    first.mkdir(parents=True)
+    (first / "intrinsic.json").write_text(json.dumps({"setting": {"scale": {"train_tokens": 300000}}}))
+    (first / "pareto.json").write_text(json.dumps({"which": "first"}))
+    data, where, note = report.load_or_first(scale, "pareto")
+    assert data == {"which": "first"} and where == "experiments/results/first-study"
+    assert note.startswith(" (the first study's: 300,000 tokens per SAE, massive-activation rows kept;")
+    assert report.not_run(scale, "pareto") == ("- not run yet at this budget; the first study's: "
+                                               "`experiments/results/first-study/findings.md`")
+    assert report.load_or_first(scale, "boosting_stages") == (None, "", "")
+    assert report.not_run(scale, "boosting_stages") == "- not run yet"
+    (common.results_dir(scale) / "pareto.json").write_text(json.dumps({"which": "new"}))
+    assert report.load_or_first(scale, "pareto") == ({"which": "new"}, "experiments/results", "")
+
+
 def test_probing_accuracy_interval_over_test_documents():
     ci = uncertainty.accuracy_ci([(0.8, 100), (0.6, 50)])
     assert ci["mean"] == pytest.approx(0.7) and ci["ci_low"] < 0.7 < ci["ci_high"]
