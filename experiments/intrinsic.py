@@ -365,7 +365,8 @@ def plot(result: dict[str, Any], out) -> None:
 
     grouped_bars(result["rows"], ["explained_variance", "l0", "delta_lm_loss", "diversity_fraction", "stability",
                                   "train_flops"], out, group="arch", bar="method",
-                 title=f"{result['setting']['hook']}: J = {result['setting']['scale']['members']}")
+                 title=f"{result['setting']['hook']}: J = {result['setting']['scale']['members']}",
+                 marks={"stability": "stability_chance"})
 
 
 if __name__ == "__main__":

@@ -118,9 +118,11 @@ def _mean_err(row: dict[str, Any], key: str) -> tuple[float, float]:
 
 
 def grouped_bars(rows: list[dict[str, Any]], metrics: list[str], out: Path, group: str = "arch",
-                 bar: str = "method", title: str = "") -> Path:
+                 bar: str = "method", title: str = "", marks: dict[str, str] | None = None) -> Path:
     """One panel per metric; bars grouped by row[group] (e.g. architecture), one colour per row[bar]
-    (e.g. method), with 95% CI error bars where the rows carry them (see _mean_err)."""
+    (e.g. method), with 95% CI error bars where the rows carry them (see _mean_err). marks[metric]:
+    a row key whose value is drawn as a black tick across that row's bar (e.g. stability's chance
+    level, which differs by method), named in the panel's legend."""
     import numpy as np
 
     groups = list(dict.fromkeys(str(r[group]) for r in rows))
@@ -128,6 +130,7 @@ def grouped_bars(rows: list[dict[str, Any]], metrics: list[str], out: Path, grou
     width = 0.8 / max(1, len(bars))
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 3.4), squeeze=False)
     for ax, m in zip(axes[0], metrics):
+        ticks = []
         for bi, b in enumerate(bars):
             vals, errs = [], []
             for g in groups:
@@ -135,7 +138,15 @@ def grouped_bars(rows: list[dict[str, Any]], metrics: list[str], out: Path, grou
                 mean, err = _mean_err(r, m) if r is not None else (float("nan"), 0.0)
                 vals.append(mean)
                 errs.append(err)
-            ax.bar(np.arange(len(groups)) + bi * width, vals, width, yerr=errs, label=b, color=f"C{bi}", capsize=2)
+            x = np.arange(len(groups)) + bi * width
+            ax.bar(x, vals, width, yerr=errs, label=b, color=f"C{bi}", capsize=2)
+            if marks and m in marks:
+                levels = [next((float(r.get(marks[m], np.nan)) for r in rows if str(r[group]) == g and str(r[bar]) == b),
+                               np.nan) for g in groups]
+                ticks.append(ax.hlines(levels, x - width / 2, x + width / 2, colors="k", linewidth=1.5,
+                                       label=marks[m].replace("_", " ")))
+        if ticks:
+            ax.legend(handles=ticks[:1], fontsize=7)
         ax.set_xticks(np.arange(len(groups)) + width * (len(bars) - 1) / 2, groups, fontsize=8)
         ax.set_title(_title(m), fontsize=9)
     axes[0][0].legend(fontsize=7)

@@ -33,6 +33,17 @@ def scaled_runs(tmp_path_factory):
     return root, runs
 
 
+def test_grouped_bars_mark_each_bars_own_chance_level(tmp_path, figures):
+    rows = [{"arch": "topk", "method": m, "stability": v, "stability_chance": c}
+            for m, v, c in (("single", 0.6, 0.15), ("bagging", 0.7, 0.17))]
+    plots.grouped_bars(rows, ["explained_variance", "stability"], tmp_path / "g.png", marks={"stability": "stability_chance"})
+    ev, stab = figures[0].axes[:2]
+    ticks = [c for c in stab.collections if c.get_label() == "stability chance"]
+    assert [seg[0][1] for t in ticks for seg in t.get_segments()] == pytest.approx([0.15, 0.17])  # one per bar, its own
+    assert [t.get_text() for t in stab.get_legend().get_texts()] == ["stability chance"]
+    assert not [c for c in ev.collections if c.get_label() == "stability chance"]
+
+
 def test_metric_bars_titles_say_what_and_which_way_is_better(tmp_path, figures):
     rows = [{"method": "single", "explained_variance": 0.5, "l0": 32, "delta_lm_loss": 0.4, "diversity": 900},
             {"method": "bagging", "explained_variance": 0.6, "l0": 128, "delta_lm_loss": 0.3, "diversity": 3000}]
