@@ -43,7 +43,7 @@ class StageResidual:
     on (a BatchSource; saeens/data/source.py)."""
 
     def __init__(self, acts, stage, describe_as: str):
-        self.base, self.stage, self.label = CacheSource(acts), stage, describe_as
+        self.base, self.label = CacheSource(acts), describe_as
         self.d_in = self.base.d_in
         self._residual = jax.jit(lambda x_BD: x_BD - ensemble.reconstruct(stage, x_BD))
 
@@ -108,7 +108,8 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
     if common.result_done(scale, NAME, force):
         return None
     acts = common.get_cache(scale, progress)
-    first, last = budgets(scale, acts.d_in)[0], budgets(scale, acts.d_in)[-1]
+    compared = budgets(scale, acts.d_in)  # one budget where boosting has no twins
+    first, last = compared[0], compared[-1]
     result = {"scale": scale.name, "arch": ARCH, "k": scale.k, "width": scale.width, "seeds": scale.seeds,
               "batch_size": scale.batch_size, "budgets": [], "complete": False}
     if first != last:  # the first study's budget: boosting's twins, each seed's stage 1 and stage 2
