@@ -138,6 +138,9 @@ def reading(raw: dict[str, Any], independent: dict[str, Any] | None, shared: dic
     """Which cause the numbers point to, in multiples of chance: the SAEs on one residual against
     those on the raw activations (stage 1) and, where measured, against independent stage 2s."""
     x_raw, x_shared = raw["stability_over_chance"], shared["stability_over_chance"]
+    if x_raw < 1.5:  # nothing reproducible on the activations either: too few steps to tell anything
+        return (f"no reading: single SAEs on the activations agree only {x_raw:.2f}x chance at this budget "
+                f"(on one stage-1 residual: {x_shared:.2f}x)")
     if independent is None:
         return (f"SAEs on one stage-1 residual agree {x_shared:.2f}x chance, single SAEs on the activations "
                 f"{x_raw:.2f}x: " + ("the residual's dictionary stays far less identifiable at this budget"

@@ -267,6 +267,18 @@ def test_report_shows_the_first_studys_result_labelled_until_the_new_one_lands(t
     assert report.load_or_first(scale, "pareto") == ({"which": "new"}, "experiments/results", "")
 
 
+def test_boosting_stages_reads_a_cause_only_where_stage_1_is_reproducible():
+    from experiments.boosting_stages import reading
+
+    x = lambda v: {"stability_over_chance": v}  # noqa: E731
+    assert reading(x(2.77), x(1.47), x(1.51)).startswith("identifiability: ")
+    assert reading(x(2.77), x(1.47), x(2.5)).startswith("cascade: ")
+    assert reading(x(4.35), None, x(1.6)).endswith("the residual's dictionary stays far less identifiable at this budget")
+    assert reading(x(4.35), None, x(4.0)).endswith("about as identifiable as the activations'")
+    assert reading(x(1.14), None, x(1.09)).startswith("no reading: ")  # both near chance (too few steps)
+    assert reading(x(1.14), x(1.0), x(1.09)).startswith("no reading: ")
+
+
 def test_probing_accuracy_interval_over_test_documents():
     ci = uncertainty.accuracy_ci([(0.8, 100), (0.6, 50)])
     assert ci["mean"] == pytest.approx(0.7) and ci["ci_low"] < 0.7 < ci["ci_high"]
