@@ -75,9 +75,18 @@ def budgets(scale: common.Scale, d_in: int) -> list[int]:
     return [run.train.n_tokens for _, run in boosting_runs(scale, d_in, ARCH, 0)]
 
 
-def all_residual_runs(scale: common.Scale, d_in: int) -> list[tuple[str, Any]]:
-    """Every run this script trains of its own (run_all's estimate)."""
-    return [r for tokens in budgets(scale, d_in) for r in residual_runs(scale, d_in, tokens)]
+def all_residual_runs(scale: common.Scale, d_in: int, skip_committed: bool = False) -> list[tuple[str, Any]]:
+    """Every run this script trains of its own (run_all's estimate); skip_committed: only those of
+    budgets whose rows are not committed yet (run_all's remaining)."""
+    done = committed_budgets(scale) if skip_committed else {}
+    return [r for tokens in budgets(scale, d_in) if tokens not in done for r in residual_runs(scale, d_in, tokens)]
+
+
+def committed_budgets(scale: common.Scale) -> dict[int, dict[str, Any]]:
+    """The budgets a partial result already holds (tokens -> its rows and reading): a session whose
+    machine lost the runs reads them back instead of training them again."""
+    path = common.results_dir(scale) / f"{NAME}.json"
+    return {b["tokens"]: b for b in json.loads(path.read_text())["budgets"]} if path.is_file() else {}
 
 
 def stage_decoder(ens, j: int) -> np.ndarray:
@@ -110,9 +119,11 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
     acts = common.get_cache(scale, progress)
     compared = budgets(scale, acts.d_in)  # one budget where boosting has no twins
     first, last = compared[0], compared[-1]
+    done = {} if force else committed_budgets(scale)
     result = {"scale": scale.name, "arch": ARCH, "k": scale.k, "width": scale.width, "seeds": scale.seeds,
-              "batch_size": scale.batch_size, "budgets": [], "complete": False}
-    if first != last:  # the first study's budget: boosting's twins, each seed's stage 1 and stage 2
+              "batch_size": scale.batch_size, "budgets": [done[first]] if first in done and first != last else [],
+              "complete": False}
+    if first != last and first not in done:  # the first study's budget: boosting's twins, stage 1 and stage 2
         twins = [common.ensure_run(scale, *boosting_runs(scale, acts.d_in, ARCH, s)[0], acts, progress)
                  for s in range(scale.seeds)]
         rows = [row("stage 1 of independent boosting runs", [stage_decoder(e, 0) for e, _ in twins]),

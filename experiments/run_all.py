@@ -92,8 +92,9 @@ def remaining(scale: common.Scale, d_in: int = 576) -> dict[str, dict[str, float
         (name, run) for arch, seeds in intrinsic.arch_seeds(scale) for s in range(seeds) if todo("across_budgets")
         for name, run in across_budgets.boosting_runs(scale, d_in, arch, s)[:-1]
         if not across_budgets.twin_stability_committed(scale, arch, run, seeds)])
-    out["boosting_stages"] = cost([r for r in [*table("topk", "boosting", 1), *boosting_stages.all_residual_runs(scale, d_in)]
-                                   if todo("boosting_stages")])  # table 1's boosting seed 0: its stage 1
+    out["boosting_stages"] = cost([r for r in [*table("topk", "boosting", 1),  # table 1's boosting seed 0: its stage 1
+                                               *boosting_stages.all_residual_runs(scale, d_in, skip_committed=True)]
+                                   if todo("boosting_stages")])
     for part in ("concept_detection", "spurious_removal"):  # the seed-0 TopK runs of table 1
         out[part] = cost([r for m in common.METHODS if todo(part) for r in table("topk", m, 1)])
     out["pareto"] = cost([pareto.point_run(scale, d_in, m, k) for k in scale.pareto_ks for m in common.METHODS
