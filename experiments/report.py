@@ -249,10 +249,15 @@ def findings(scale: common.Scale) -> str:
 FIRST_STUDY = "first-study"  # the first study's results (300k tokens, flagged rows kept), until the new ones land
 
 
+def results_link(scale: common.Scale) -> str:
+    """The scale's results folder as the top-level README links it."""
+    return f"experiments/{common.results_dir(scale).relative_to(common.ROOT).as_posix()}"
+
+
 def load_or_first(scale: common.Scale, name: str) -> tuple[dict | None, str, str]:
     """(result, the folder of its files relative to the repository, a note): this study's (no note),
     else the first study's with a note that says so, else (None, '', '')."""
-    res = f"experiments/{common.results_dir(scale).relative_to(common.ROOT).as_posix()}"
+    res = results_link(scale)
     data = load(scale, name)
     if data is not None:
         return data, res, ""
@@ -270,7 +275,7 @@ def summary(scale: common.Scale) -> str:
     of the study that has not run yet shows the first study's result, labelled as such."""
     from saeens.tables import format_table
 
-    t1, res = load(scale, "intrinsic"), f"experiments/{common.results_dir(scale).relative_to(common.ROOT).as_posix()}"
+    t1, res = load(scale, "intrinsic"), results_link(scale)
     if not t1:
         return f"Not run yet: `python -m experiments.run_all --scale {scale.name}`."
     sc = t1["setting"]["scale"]
