@@ -31,7 +31,7 @@ import numpy as np
 
 from experiments import common
 from experiments.across_budgets import boosting_runs
-from saeens import ensemble, metrics
+from saeens import ensemble
 from saeens.data.source import CacheSource
 
 NAME = "boosting_stages"
@@ -95,12 +95,11 @@ def stage_decoder(ens, j: int) -> np.ndarray:
 
 
 def row(what: str, decoders: list[np.ndarray]) -> dict[str, Any]:
-    """Stability of these R decoders (each against the others) beside its chance level."""
-    s = metrics.stability(decoders)
-    chance = metrics.stability_chance([d.shape[0] for d in decoders], decoders[0].shape[1])["stability"]
-    return {"what": what, "runs": len(decoders), "stability": s["mean"], "stability_ci_low": s["ci_low"],
-            "stability_ci_high": s["ci_high"], "stability_scores": s["scores"], "stability_chance": chance,
-            "stability_over_chance": metrics.over_chance(s["mean"], chance)}
+    """Stability of these R decoders (each against the others) beside its chance level: table 1's
+    stability columns (experiments/intrinsic.py)."""
+    from experiments.intrinsic import stability_of
+
+    return {"what": what, "runs": len(decoders), **stability_of(decoders)}
 
 
 def on_residual(scale: common.Scale, acts, boost, info: dict[str, Any], tokens: int, progress: bool) -> dict[str, Any]:
