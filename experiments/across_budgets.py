@@ -6,7 +6,10 @@ Single, expanded and bagging are table 1's own runs, evaluated as they trained a
 smaller budgets (experiments/intrinsic.py, budgets.py: with constant lr, batch and dead_tokens the
 state at S steps is that of an S-step run; the single SAE is bagging's member 0, its decoder the
 first `width` rows of bagging's). Boosting's stage length is its budget, so it trains runs of its
-own at the first study's budget (the same seeds) and has no point in between. Per point: mean
+own at the first study's budget (twins: the same seeds) and has no point in between. A run that
+passed the first budget before its decoder was kept there (TopK's, trained before budget evaluations
+kept decoders) gets a twin too, for stability there; the twin's MSE is recorded beside the run's own
+evaluation at that step, which it must equal (one computation). Per point: mean
 [95% t] over the independent runs of each metric, and stability between the runs beside its chance
 level. Each comparison of CLAIMS is judged per budget by experiments/uncertainty.compare (disjoint
 intervals or "no difference") and its movement by `change`; the gap between the means says whether
@@ -22,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from experiments import common
-from experiments.budgets import budget_steps, decoder_path, evals_dir, train_with_budgets
+from experiments.budgets import budget_steps, decoder_path, evals_dir, read_record, train_with_budgets
 from experiments.intrinsic import arch_seeds, budget_evaluator, budget_stability, vectors_committed, vectors_prefix
 from experiments.uncertainty import NO_DIFFERENCE, change, compare
 from saeens import metrics
@@ -43,16 +46,25 @@ CLAIMS = (
 )
 
 
+def twin(scale: common.Scale, d_in: int, arch: str, method: str, seed: int) -> tuple[str, Any] | None:
+    """(name, run) of table 1's run of this method (single: bagging's) trained again, the same seed,
+    to the first budget only (as many steps per SAE / stage as the other methods' evaluation there);
+    None when the scale has no smaller budget."""
+    source = "bagging" if method == "single" else method
+    name = common.run_name(arch, source, scale.members, seed, scale.k)
+    run = common.run_config(scale, d_in, arch, source, scale.members, seed)
+    if not scale.budgets_of(arch):
+        return None
+    tokens = budget_steps(run, scale.budgets_of(arch))[0] * scale.batch_size
+    return f"{name}-T{tokens}", common.with_tokens(run, tokens)
+
+
 def boosting_runs(scale: common.Scale, d_in: int, arch: str, seed: int) -> list[tuple[str, Any]]:
-    """(name, run) of boosting's twin at the first budget (the same seed, as many steps per stage as
-    the other methods' evaluation there) and of table 1's boosting run."""
-    name = common.run_name(arch, "boosting", scale.members, seed, scale.k)
-    run = common.run_config(scale, d_in, arch, "boosting", scale.members, seed)
-    out = [(name, run)]
-    if scale.budgets_of(arch):
-        tokens = budget_steps(run, scale.budgets_of(arch))[0] * scale.batch_size
-        out.insert(0, (f"{name}-T{tokens}", common.with_tokens(run, tokens)))
-    return out
+    """(name, run) of boosting's twin at the first budget (when the scale has one) and of table 1's
+    boosting run."""
+    own = (common.run_name(arch, "boosting", scale.members, seed, scale.k),
+           common.run_config(scale, d_in, arch, "boosting", scale.members, seed))
+    return [t for t in (twin(scale, d_in, arch, "boosting", seed),) if t] + [own]
 
 
 def twin_stability_committed(scale: common.Scale, arch: str, twin, seeds: int) -> bool:
@@ -61,11 +73,36 @@ def twin_stability_committed(scale: common.Scale, arch: str, twin, seeds: int) -
     return vectors_committed(vectors_prefix(scale, arch, "boosting", twin.train.n_steps * scale.batch_size), seeds)
 
 
+def needs_twin(scale: common.Scale, d_in: int, arch: str, method: str, seed: int, seeds: int) -> bool:
+    """Single, expanded, bagging: this seed's run passed the first budget (its evaluation there
+    exists) without keeping its decoder, and the stability there is not committed, so a twin is
+    trained for it (boosting: twin_stability_committed)."""
+    t = twin(scale, d_in, arch, method, seed)
+    if t is None or method == "boosting":
+        return False
+    name = common.run_name(arch, "bagging" if method == "single" else method, scale.members, seed, scale.k)
+    steps, tokens = t[1].train.n_steps, t[1].train.n_steps * scale.batch_size
+    return (read_record(scale, name, steps) is not None and not decoder_path(evals_dir(scale, name), steps).is_file()
+            and not vectors_committed(vectors_prefix(scale, arch, method, tokens), seeds))
+
+
+def twins_to_train(scale: common.Scale, d_in: int, arch: str, seeds: int) -> list[tuple[str, Any]]:
+    """(name, run) of every twin this architecture still has to train (one per source run: the
+    single SAE's twin is bagging's)."""
+    out = {}
+    for s in range(seeds):
+        *boost, _ = boosting_runs(scale, d_in, arch, s)
+        out.update((n, r) for n, r in boost if not twin_stability_committed(scale, arch, r, seeds))
+        out.update(twin(scale, d_in, arch, m, s) for m in ("single", "expanded", "bagging")
+                   if needs_twin(scale, d_in, arch, m, s, seeds))
+    return list(out.items())
+
+
 def records(scale: common.Scale, acts, spliced: common.Spliced, arch: str, method: str, seed: int, seeds: int,
             progress: bool) -> list[dict[str, Any]]:
     """One record per budget of this run (steps, tokens, the metrics, `decoder`: its saved decoder),
-    ascending; runs that are not trained yet are trained (table 1's own, or boosting's twin). seeds:
-    the point's independent runs (a twin is trained again for its decoder until their stability is
+    ascending; runs that are not trained yet are trained (table 1's own, or a twin). seeds: the
+    point's independent runs (a twin is trained again for its decoder until their stability is
     committed)."""
     evaluate = lambda n: budget_evaluator(scale, acts, spliced, n)  # noqa: E731
     if method == "boosting":  # a twin whose stability is not committed yet is trained again for its decoder
@@ -79,7 +116,39 @@ def records(scale: common.Scale, acts, spliced: common.Spliced, arch: str, metho
     recs = train_with_budgets(scale, name, run, acts, scale.budgets_of(arch), evaluate(name), progress)
     if method == "single":  # bagging's member 0: its metrics, the first `width` rows of bagging's decoder
         recs = [{**r["single"], "steps": r["steps"], "tokens": r["tokens"], "member_rows": scale.width} for r in recs]
-    return _with_decoders(scale, name, recs)
+    recs = _with_decoders(scale, name, recs)
+    if needs_twin(scale, acts.d_in, arch, method, seed, seeds):
+        recs[0] = with_twin_decoder(scale, acts, arch, method, seed, recs[0], progress)
+    return recs
+
+
+def with_twin_decoder(scale: common.Scale, acts, arch: str, method: str, seed: int, rec: dict[str, Any],
+                      progress: bool) -> dict[str, Any]:
+    """The first budget's record with its twin's decoder there (the twin is trained, evaluated for
+    its MSE and kept, unless an earlier call did)."""
+    name, run = twin(scale, acts.d_in, arch, method, seed)
+    (own,) = train_with_budgets(scale, name, run, acts, (), lambda ens, steps: common.intrinsic_metrics(ens, acts, scale),
+                                progress, decoders=True)
+    if own["steps"] != rec["steps"]:
+        raise RuntimeError(f"{name} stops at step {own['steps']}, its run's first budget at {rec['steps']}")
+    return {**rec, "decoder": decoder_path(evals_dir(scale, name), rec["steps"])}
+
+
+def twin_check(scale: common.Scale, d_in: int, arch: str, seeds: int) -> list[dict[str, Any]]:
+    """Each non-boosting twin's MSE beside its run's own evaluation at the same step: equal, since a
+    run's state after S steps is that of an S-step run (experiments/budgets.py)."""
+    out = []
+    for s in range(seeds):
+        for method in ("expanded", "bagging"):
+            t = twin(scale, d_in, arch, method, s)
+            steps = t[1].train.n_steps if t else 0
+            mine = read_record(scale, t[0], steps) if t else None
+            if mine is not None:
+                run = common.run_name(arch, method, scale.members, s, scale.k)
+                theirs = read_record(scale, run, steps)
+                out.append({"twin": t[0], "run": run, "steps": steps, "mse_twin": mine["mse"], "mse_run": theirs["mse"],
+                            "rel_diff": abs(mine["mse"] - theirs["mse"]) / abs(theirs["mse"])})
+    return out
 
 
 def _with_decoders(scale: common.Scale, name: str, recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -147,7 +216,8 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
             points.append({"steps": st, "tokens": st * scale.batch_size, "methods": at})
         claims = [{"metric": metric, "a": a, "b": b, "paper": paper, "claim": claim,
                    **judge(points, metric, a, b, paper)} for metric, a, b, paper, claim in CLAIMS]
-        archs[arch] = {"seeds": seeds, "points": points, "claims": claims}
+        archs[arch] = {"seeds": seeds, "points": points, "claims": claims,
+                       "twins": twin_check(scale, acts.d_in, arch, seeds)}
     result = {"scale": scale.name, "hook": common.hook(), "members": scale.members, "archs": archs}
     common.write_result(scale, NAME, result, markdown(result))
     return result
@@ -186,6 +256,19 @@ def finding_lines(result: dict[str, Any]) -> list[str]:
     return claim_lines(result) + stage_lines(result)
 
 
+def twin_lines(result: dict[str, Any]) -> list[str]:
+    """Where a first budget's stability came from twins, and how closely they retrace their runs."""
+    out = []
+    for arch, a in result["archs"].items():
+        if a.get("twins"):
+            worst = max(t["rel_diff"] for t in a["twins"])
+            out.append(f"- {arch}: the first budget's stability of single, expanded and bagging comes from twins ("
+                       f"{len(a['twins'])} runs trained again, the same seeds, to {a['twins'][0]['steps']} steps: table 1's "
+                       f"runs passed that step before decoders were kept); their MSE equals the runs' own evaluation "
+                       f"there to a relative {worst:.1e}.")
+    return out
+
+
 def markdown(result: dict[str, Any]) -> str:
     from saeens.tables import format_table
 
@@ -195,7 +278,7 @@ def markdown(result: dict[str, Any]) -> str:
              "budget (its stage length is the budget). Verdicts: the paper's direction with disjoint 95% intervals "
              "(agrees / disagrees), else no difference.", "",
              f"Regenerate: `python -m experiments.across_budgets --scale {result['scale']}`", "",
-             "## The paper's comparisons as the budget grows", "", *finding_lines(result), ""]
+             "## The paper's comparisons as the budget grows", "", *finding_lines(result), *twin_lines(result), ""]
     for arch, a in result["archs"].items():
         rows = [{"tokens": p["tokens"], "steps": p["steps"], "method": m,
                  **{k: v["mean"] for k, v in r.items() if k in METRICS},

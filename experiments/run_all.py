@@ -88,10 +88,8 @@ def remaining(scale: common.Scale, d_in: int = 576) -> dict[str, dict[str, float
     out["intrinsic"] = cost([r for arch, seeds in intrinsic.arch_seeds(scale) for m in common.METHODS
                              if todo("intrinsic") and not row_committed(scale, arch, m, seeds)
                              for r in table(arch, m, seeds)])
-    out["across_budgets"] = cost([
-        (name, run) for arch, seeds in intrinsic.arch_seeds(scale) for s in range(seeds) if todo("across_budgets")
-        for name, run in across_budgets.boosting_runs(scale, d_in, arch, s)[:-1]
-        if not across_budgets.twin_stability_committed(scale, arch, run, seeds)])
+    out["across_budgets"] = cost([t for arch, seeds in intrinsic.arch_seeds(scale) if todo("across_budgets")
+                                  for t in across_budgets.twins_to_train(scale, d_in, arch, seeds)])
     out["boosting_stages"] = cost([r for r in [*table("topk", "boosting", 1),  # table 1's boosting seed 0: its stage 1
                                                *boosting_stages.all_residual_runs(scale, d_in, skip_committed=True)]
                                    if todo("boosting_stages")])

@@ -371,6 +371,51 @@ def test_table_one_evaluates_each_run_once_and_reads_its_last_budget_record(work
         assert out["delta_lm_loss"] == float(ens.n_members) and "single" not in out and "steps" not in out
 
 
+def test_a_run_that_passed_the_first_budget_without_its_decoder_gets_a_twin_there(work):
+    """Table 1's TopK runs passed the first budget before decoders were kept there: table 1 across
+    budgets trains a twin (the same seed, to that budget) for the stability there. The twin's decoder
+    is the run's at that step, its MSE equals the run's own evaluation (twin_check), the single SAE
+    uses bagging's twin, and once the stability is committed nothing is trained again."""
+    from experiments import across_budgets, intrinsic
+
+    scale = _scale(members=2, budgets=(64 * 4,))
+    acts = ArrayActivations(np.random.default_rng(0).standard_normal((2000, 8)).astype(np.float32), 0.1)
+
+    class Spliced:
+        contexts = np.zeros((3, 4))
+
+        def fast(self, ens):
+            return {"delta_lm_loss": 0.5}
+
+    live = [across_budgets.records(scale, acts, Spliced(), "topk", "bagging", s, 2, False) for s in range(2)]
+    kept = [np.load(r[0]["decoder"]) for r in live]
+    others = lambda: [n for n, _ in across_budgets.twins_to_train(scale, 8, "topk", 2) if "boosting" not in n]  # noqa: E731
+    assert others() == []  # every decoder at hand (expanded: not trained, nothing passed): no twin
+    for r in live:  # what a run trained before decoders were kept leaves
+        Path(r[0]["decoder"]).unlink()
+    assert across_budgets.point(scale, "topk", "bagging", [r[0] for r in live], 8).get("stability") is None
+    names = others()
+    assert names == [f"topk-k{scale.k}-bagging-J2-s{s}-T256" for s in range(2)]  # the single SAE's twin is bagging's
+
+    twinned = [across_budgets.records(scale, acts, Spliced(), "topk", "bagging", s, 2, False) for s in range(2)]
+    assert [r[1:] for r in twinned] == [r[1:] for r in live]  # only the first budget changes: its decoder
+    assert [{k: v for k, v in r[0].items() if k != "decoder"} for r in twinned] == [
+        {k: v for k, v in r[0].items() if k != "decoder"} for r in live]
+    for name, r, want in zip(names, twinned, kept):
+        assert Path(r[0]["decoder"]).parent.name == f"{name}.evals"
+        np.testing.assert_allclose(np.load(r[0]["decoder"]), want, rtol=1e-5, atol=1e-6)
+    got = across_budgets.point(scale, "topk", "bagging", [r[0] for r in twinned], 8)
+    want = intrinsic.stability_of(kept, None, 2)
+    assert got["stability"] == pytest.approx(want["stability"], abs=1e-5)
+    single = [across_budgets.records(scale, acts, Spliced(), "topk", "single", s, 2, False)[0] for s in range(2)]
+    assert [r["decoder"] for r in single] == [r[0]["decoder"] for r in twinned]  # bagging's twin, its first rows
+    assert across_budgets.point(scale, "topk", "single", single, 8)["stability"] == pytest.approx(
+        intrinsic.stability_of([k[: scale.width] for k in kept])["stability"], abs=1e-5)
+    check = across_budgets.twin_check(scale, 8, "topk", 2)
+    assert [c["twin"] for c in check] == names and all(c["rel_diff"] < 1e-5 for c in check)
+    assert others() == []  # their stability is committed now
+
+
 def test_a_row_finished_in_an_earlier_session_is_read_back_from_its_committed_results(work, monkeypatch):
     """A session's machine starts with an empty work directory: a table-1 row whose records and
     stability vectors were committed is assembled from them (stability as computed from the decoders),
