@@ -265,7 +265,7 @@ def twin_lines(result: dict[str, Any]) -> list[str]:
             out.append(f"- {arch}: the first budget's stability of single, expanded and bagging comes from twins ("
                        f"{len(a['twins'])} runs trained again, the same seeds, to {a['twins'][0]['steps']} steps: table 1's "
                        f"runs passed that step before decoders were kept); their MSE equals the runs' own evaluation "
-                       f"there to a relative {worst:.1e}.")
+                       f"there " + ("exactly." if worst == 0 else f"to a relative {worst:.1e}."))
     return out
 
 
