@@ -14,6 +14,7 @@ results/concept_detection.{json,md,png}.
 from __future__ import annotations
 
 import dataclasses
+import json
 from functools import partial
 from typing import Any
 
@@ -80,8 +81,13 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
     ens = method_ensembles(scale, acts, progress)
     cfg = ProbingConfig(ks=KS, context_length=scale.probe_context, batch_size=scale.batch_forward,
                         max_train_per_class=scale.probe_train_per_class, max_test_per_class=scale.probe_test_per_class)
-    datasets = {}
+    path = common.results_dir(scale) / f"{NAME}.json"  # a partial result: the datasets an earlier session finished
+    earlier = json.loads(path.read_text()) if path.is_file() and not force else {}
+    same = earlier.get("config") == json.loads(json.dumps(dataclasses.asdict(cfg)))  # as the JSON holds it
+    datasets = earlier.get("datasets", {}) if same else {}
     for name in DATASETS:
+        if name in datasets:
+            continue
         ds = probing_dataset(name).subsample(cfg.max_train_per_class, cfg.max_test_per_class, cfg.seed)
         pooled = {}
         for split, docs in (("train", ds.train), ("test", ds.test)):
@@ -101,9 +107,10 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
                 "tasks": [t.to_dict() for t in tasks],
             }
         datasets[name] = {"counts": ds.counts(), "methods": by_method}
-    result = {"scale": scale.name, "hook": common.hook(), "members": scale.members, "width": scale.width,
-              "k": scale.k, "config": dataclasses.asdict(cfg), "datasets": datasets}
-    common.write_result(scale, NAME, result, markdown(result))
+        result = {"scale": scale.name, "hook": common.hook(), "members": scale.members, "width": scale.width,
+                  "k": scale.k, "config": dataclasses.asdict(cfg), "datasets": datasets,
+                  "complete": len(datasets) == len(DATASETS)}  # each finished dataset is written at once
+        common.write_result(scale, NAME, result, markdown(result))
     plot(result, common.results_dir(scale) / f"{NAME}.png")
     return result
 
@@ -115,6 +122,14 @@ def methods_of(result: dict[str, Any]) -> list[str]:
 def mean_over_datasets(result: dict[str, Any], method: str, key: str) -> float:
     """A method's accuracy `key` (e.g. sae_top_1_test_accuracy) averaged over the datasets."""
     return float(np.mean([d["methods"][method][key] for d in result["datasets"].values()]))
+
+
+def mean_over_datasets_ci(result: dict[str, Any], method: str, k: int) -> dict[str, Any]:
+    """mean_over_datasets of the top-k accuracy with its bootstrap interval over every task's test
+    documents (each dataset weighs the same), to tell a lead from the test sets' noise."""
+    tasks = [(name, t["sae_test_accuracy"][str(k)], t["n_test"]) for name, d in result["datasets"].items()
+             for t in d["methods"][method]["tasks"]]
+    return accuracy_ci([(a, n) for _, a, n in tasks], groups=[name for name, _, _ in tasks])
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -136,7 +151,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"sets; at most {c['max_train_per_class']} train / {c['max_test_per_class']} test documents per class, "
         f"first {c['context_length']} tokens). llm_all_dims: the same probe on all raw activation dims. "
         "Plot: concept_detection.png.", "",
-        f"Regenerate: `python -m experiments.concept_detection --scale {result['scale']}`", "", format_table(rows)])
+        f"Regenerate: `python -m experiments.concept_detection --scale {result['scale']}`", "",
+        *(["**Partial**: the datasets finished so far; a rerun finishes the rest.", ""]
+          if not result.get("complete", True) else []), format_table(rows)])
 
 
 def plot(result: dict[str, Any], out) -> None:

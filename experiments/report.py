@@ -193,13 +193,17 @@ def pareto_findings(pa: dict) -> list[str]:
 def downstream_findings(cd: dict | None, scr: dict | None) -> list[str]:
     out = []
     if cd:
-        means = {m: {k: concept_detection.mean_over_datasets(cd, m, f"sae_top_{k}_test_accuracy") for k in (1, 5)}
-                 for m in concept_detection.methods_of(cd)}
-        best1 = max(means, key=lambda m: means[m][1])
+        cis = {m: {k: concept_detection.mean_over_datasets_ci(cd, m, k) for k in (1, 5)}
+               for m in concept_detection.methods_of(cd)}
+        best1 = best_of({m: v[1] for m, v in cis.items()})
+        verdict = (f"Best top-1: **{best1}** (its bootstrap interval clears every other method's)." if best1 != NO_DIFFERENCE
+                   else f"Highest top-1: {max(cis, key=lambda m: cis[m][1]['mean'])}, but {NO_DIFFERENCE} beyond the "
+                        "test documents' noise (bootstrap intervals overlap).")
+        partial = "" if cd.get("complete", True) else "; partial: the other datasets have not run yet"
         out.append("- **Concept detection** (paper: evaluated on sentiment, code language, news topic, natural "
-                   "language; here bbc-topic, tweet-sentiment, shakespeare-genre, text-source). Mean top-1 / top-5 "
-                   "accuracy: " + ", ".join(f"{m} {f3(v[1])} / {f3(v[5])}" for m, v in means.items())
-                   + f". Best top-1: **{best1}**.")
+                   f"language; here {', '.join(cd['datasets'])}{partial}). Mean top-1 [95% bootstrap] / top-5 accuracy: "
+                   + ", ".join(f"{m} {f3(v[1]['mean'])} [{f3(v[1]['ci_low'])}, {f3(v[1]['ci_high'])}] / {f3(v[5]['mean'])}"
+                               for m, v in cis.items()) + f". {verdict}")
     if scr:
         best = {m: max(a["score"] for a in r["ablations"]) for m, r in scr["methods"].items()}
         rnd = {m: max((a["score"] for a in r["random_ablations"]), default=float("nan")) for m, r in scr["methods"].items()}

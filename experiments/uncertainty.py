@@ -43,15 +43,19 @@ def paired_bootstrap_ci(a_N: Sequence[float], b_N: Sequence[float], n_boot: int 
 
 
 def accuracy_ci(tasks: Sequence[tuple[float, int]], n_boot: int = 2000, confidence: float = 0.95,
-                seed: int = 0) -> dict[str, Any]:
+                seed: int = 0, groups: Sequence[str] | None = None) -> dict[str, Any]:
     """The mean accuracy over tasks, each (accuracy, test documents), with a bootstrap over every
     task's test documents (a 0/1 correctness per document: its resamples depend only on the count
-    of correct ones, so the accuracy and the count are enough). Tasks are resampled independently."""
+    of correct ones, so the accuracy and the count are enough). Tasks are resampled independently.
+    groups: each task's group (e.g. its dataset); the statistic is then the mean over groups of each
+    group's mean accuracy, so a group weighs the same however many tasks it has."""
     rng = np.random.default_rng(seed)
+    g_T = np.zeros(len(tasks), int) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
+    stat = lambda acc_T: float(np.mean([acc_T[g_T == i].mean() for i in range(g_T.max() + 1)]))  # noqa: E731
     correct = [np.r_[np.ones(int(round(a * n))), np.zeros(n - int(round(a * n)))] for a, n in tasks]
-    boots = np.mean([[v[rng.integers(0, v.size, v.size)].mean() for v in correct] for _ in range(n_boot)], axis=1)
+    boots = [stat(np.array([v[rng.integers(0, v.size, v.size)].mean() for v in correct])) for _ in range(n_boot)]
     tail = 100 * (1 - confidence) / 2
-    return {"mean": float(np.mean([a for a, _ in tasks])), "ci_low": float(np.percentile(boots, tail)),
+    return {"mean": stat(np.array([a for a, _ in tasks], np.float64)), "ci_low": float(np.percentile(boots, tail)),
             "ci_high": float(np.percentile(boots, 100 - tail)), "confidence": confidence}
 
 

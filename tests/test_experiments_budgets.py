@@ -192,6 +192,25 @@ def test_report_calls_an_scr_lead_inside_the_bootstrap_noise_no_difference():
     assert "Best: **single**" in report.downstream_findings(None, scr)[0]
 
 
+def test_report_calls_a_probing_lead_inside_the_bootstrap_noise_no_difference():
+    """The concept-detection finding judges the mean top-1 accuracy over datasets by its bootstrap over
+    test documents: a lead inside the noise is no difference; a partial result says so."""
+    from experiments import report
+
+    def method(acc, n):
+        task = {"sae_test_accuracy": {"1": acc, "5": acc}, "n_test": n}
+        return {"tasks": [task, task], "sae_top_1_test_accuracy": acc, "sae_top_5_test_accuracy": acc}
+
+    cd = {"datasets": {"d1": {"methods": {"single": method(0.80, 40), "bagging": method(0.78, 40)}}}}
+    line = report.downstream_findings(cd, None)[0]
+    assert "Highest top-1: single, but no difference" in line and "partial" not in line
+    cd["datasets"]["d1"]["methods"]["bagging"] = method(0.50, 400)
+    cd["datasets"]["d1"]["methods"]["single"] = method(0.90, 400)
+    cd["complete"] = False
+    line = report.downstream_findings(cd, None)[0]
+    assert "Best top-1: **single**" in line and "here d1; partial" in line
+
+
 def test_report_reads_a_tie_in_one_definition_of_ev_as_no_contradiction():
     """Per-dimension EV's intervals overlap while per-token EV and MSE both single out boosting: the
     verdict is 'no method ahead', and the definitions do not disagree; a real split says they do."""
@@ -284,6 +303,23 @@ def test_probing_accuracy_interval_over_test_documents():
     assert ci["mean"] == pytest.approx(0.7) and ci["ci_low"] < 0.7 < ci["ci_high"]
     wide, narrow = uncertainty.accuracy_ci([(0.8, 20)]), uncertainty.accuracy_ci([(0.8, 2000)])
     assert wide["ci_high"] - wide["ci_low"] > 4 * (narrow["ci_high"] - narrow["ci_low"])  # fewer documents, more noise
+
+
+def test_probing_accuracy_over_datasets_weighs_each_dataset_the_same():
+    """accuracy_ci(groups=): the mean over datasets of each dataset's mean over its tasks, its interval
+    the same bootstrap of every task's documents (a straightforward NumPy reference, same seed)."""
+    tasks, groups = [(0.9, 40), (0.7, 60), (0.5, 30)], ["a", "a", "b"]
+    got = uncertainty.accuracy_ci(tasks, n_boot=300, groups=groups)
+    assert got["mean"] == pytest.approx((0.8 + 0.5) / 2)
+    rng = np.random.default_rng(0)
+    docs = [np.r_[np.ones(round(a * n)), np.zeros(n - round(a * n))] for a, n in tasks]
+    boots = []
+    for _ in range(300):
+        acc = [d[rng.integers(0, d.size, d.size)].mean() for d in docs]
+        boots.append((np.mean(acc[:2]) + acc[2]) / 2)
+    assert (got["ci_low"], got["ci_high"]) == pytest.approx((np.percentile(boots, 2.5), np.percentile(boots, 97.5)))
+    flat = uncertainty.accuracy_ci(tasks, n_boot=300)  # no groups: every task weighs the same
+    assert flat["mean"] == pytest.approx(0.7)
 
 
 def test_convergence_writes_each_finished_curve_and_a_rerun_finishes_it(work, monkeypatch):

@@ -153,3 +153,26 @@ def test_the_j_sweep_writes_each_method_as_it_lands_and_a_rerun_finishes_the_res
     again = effect_of_j.main(toy_gpu, progress=False)
     assert set(called) == {"boosting"} and again["complete"]
     assert json.loads(json.dumps(again["curves"])) == json.loads(json.dumps(full["curves"]))
+
+
+def test_concept_detection_writes_each_finished_dataset_and_a_rerun_finishes_it(toy_gpu, tmp_path, monkeypatch):
+    """Probing pools every dataset's documents through the model (the long part at full scale): each
+    finished dataset is written at once (marked incomplete), and a rerun pools only what is missing
+    and gives the same result."""
+    from experiments import concept_detection
+
+    scale = dataclasses.replace(toy_gpu, probe_train_per_class=4, probe_test_per_class=2, probe_context=16)
+    first = concept_detection.main(scale, progress=False)
+    assert first["complete"] is True and list(first["datasets"]) == list(concept_detection.DATASETS)
+    results = tmp_path / "experiments" / "results" / "gpu"
+    last = concept_detection.DATASETS[-1]
+    partial = {**first, "datasets": {n: d for n, d in first["datasets"].items() if n != last}, "complete": False}
+    (results / "concept_detection.json").write_text(json.dumps(partial))
+    assert "**Partial**" in concept_detection.markdown(partial)
+    pooled = []
+    real = concept_detection.pool_documents
+    monkeypatch.setattr(concept_detection, "pool_documents", lambda *a, **k: pooled.append(1) or real(*a, **k))
+    again = concept_detection.main(scale, progress=False)
+    assert len(pooled) == 2  # the missing dataset's train and test documents, nothing else
+    assert json.loads(json.dumps(again)) == json.loads(json.dumps(first))
+    assert concept_detection.main(scale, progress=False) is None  # complete: skipped
