@@ -259,12 +259,13 @@ def results_link(scale: common.Scale) -> str:
 
 
 def load_or_first(scale: common.Scale, name: str) -> tuple[dict | None, str, str]:
-    """(result, the folder of its files relative to the repository, a note): this study's (no note),
-    else the first study's with a note that says so, else (None, '', '')."""
+    """(result, the folder of its files relative to the repository, a note): this study's (a note
+    only when it is partial), else the first study's with a note that says so, else (None, '', '')."""
     res = results_link(scale)
     data = load(scale, name)
     if data is not None:
-        return data, res, ""
+        return data, res, "" if data.get("complete", True) else \
+            " (partial: what has finished so far; `python -m experiments.run_all --scale full` finishes it)"
     first = common.results_dir(scale) / FIRST_STUDY
     if not (first / f"{name}.json").is_file():
         return None, "", ""

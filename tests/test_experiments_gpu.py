@@ -169,6 +169,7 @@ def test_concept_detection_writes_each_finished_dataset_and_a_rerun_finishes_it(
     partial = {**first, "datasets": {n: d for n, d in first["datasets"].items() if n != last}, "complete": False}
     (results / "concept_detection.json").write_text(json.dumps(partial))
     assert "**Partial**" in concept_detection.markdown(partial)
+    assert report.load_or_first(scale, "concept_detection")[2].startswith(" (partial: ")  # the README block says so
     pooled = []
     real = concept_detection.pool_documents
     monkeypatch.setattr(concept_detection, "pool_documents", lambda *a, **k: pooled.append(1) or real(*a, **k))
