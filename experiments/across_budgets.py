@@ -141,13 +141,13 @@ def twin_check(scale: common.Scale, d_in: int, arch: str, seeds: int) -> list[di
     for s in range(seeds):
         for method in ("expanded", "bagging"):
             t = twin(scale, d_in, arch, method, s)
-            steps = t[1].train.n_steps if t else 0
-            mine = read_record(scale, t[0], steps) if t else None
-            if mine is not None:
-                run = common.run_name(arch, method, scale.members, s, scale.k)
-                theirs = read_record(scale, run, steps)
-                out.append({"twin": t[0], "run": run, "steps": steps, "mse_twin": mine["mse"], "mse_run": theirs["mse"],
-                            "rel_diff": abs(mine["mse"] - theirs["mse"]) / abs(theirs["mse"])})
+            mine = read_record(scale, t[0], t[1].train.n_steps) if t else None
+            if mine is None:
+                continue
+            run = common.run_name(arch, method, scale.members, s, scale.k)
+            theirs = read_record(scale, run, mine["steps"])
+            out.append({"twin": t[0], "run": run, "steps": mine["steps"], "mse_twin": mine["mse"],
+                        "mse_run": theirs["mse"], "rel_diff": abs(mine["mse"] - theirs["mse"]) / abs(theirs["mse"])})
     return out
 
 
