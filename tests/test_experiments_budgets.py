@@ -569,8 +569,10 @@ def test_a_runs_clock_keeps_the_time_of_a_killed_session_and_skips_a_stopped_one
     (a session's end: no `finally` runs) loses one interval, not the session; time stopped by
     SIGSTOP (the study paused to time something alone) is not counted."""
     killed = tmp_path / "killed.json"
+    t0 = time.perf_counter()
     assert _clocked_child(killed, 1.0, "os.kill(os.getpid(), signal.SIGKILL)").wait() == -9
-    assert 0.5 <= json.loads(killed.read_text())["seconds"] <= 1.0 + 1e-6
+    life = time.perf_counter() - t0  # the child's whole life bounds its time inside the clock, however loaded the machine
+    assert 0.5 <= json.loads(killed.read_text())["seconds"] <= life
 
     paused = tmp_path / "paused.json"
     proc = _clocked_child(paused, 2.0)
