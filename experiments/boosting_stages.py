@@ -22,7 +22,6 @@ TopK's scale-equivariant codes that changes only the scale of the loss.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import jax
@@ -85,8 +84,7 @@ def all_residual_runs(scale: common.Scale, d_in: int, skip_committed: bool = Fal
 def committed_budgets(scale: common.Scale) -> dict[int, dict[str, Any]]:
     """The budgets a partial result already holds (tokens -> its rows and reading): a session whose
     machine lost the runs reads them back instead of training them again."""
-    path = common.results_dir(scale) / f"{NAME}.json"
-    return {b["tokens"]: b for b in json.loads(path.read_text())["budgets"]} if path.is_file() else {}
+    return {b["tokens"]: b for b in (common.read_result(scale, NAME) or {}).get("budgets", [])}
 
 
 def stage_decoder(ens, j: int) -> np.ndarray:
@@ -131,7 +129,7 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
                 on_residual(scale, acts, *twins[0], first, progress)]
         result["budgets"].append({"tokens": first, "rows": rows, "reading": reading(rows[0], rows[1], rows[2])})
         common.write_result(scale, NAME, result, markdown(result))  # a rerun trains only the rest
-    single = next(r for r in json.loads((common.results_dir(scale) / "intrinsic.json").read_text())["rows"]
+    single = next(r for r in common.read_result(scale, "intrinsic")["rows"]
                   if r["arch"] == ARCH and r["method"] == "single")
     rows = [{"what": f"single SAEs on the activations (table 1's single row, seeds 0-{single['runs'] - 1})",
              "runs": single["runs"], **{k: single[k] for k in ("stability", "stability_ci_low", "stability_ci_high",

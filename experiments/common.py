@@ -103,9 +103,15 @@ def result_done(scale: Scale, name: str, force: bool) -> bool:
     return False
 
 
-def result_complete(scale: Scale, name: str) -> bool:
+def read_result(scale: Scale, name: str) -> dict[str, Any] | None:
+    """The scale's result JSON `name` as written so far (a partial one too); None before it is written."""
     path = results_dir(scale) / f"{name}.json"
-    return path.is_file() and json.loads(path.read_text()).get("complete", True)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def result_complete(scale: Scale, name: str) -> bool:
+    result = read_result(scale, name)
+    return result is not None and result.get("complete", True)
 
 
 def write_result(scale: Scale, name: str, result: dict[str, Any], markdown: str) -> Path:

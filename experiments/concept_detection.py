@@ -81,8 +81,7 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
     ens = method_ensembles(scale, acts, progress)
     cfg = ProbingConfig(ks=KS, context_length=scale.probe_context, batch_size=scale.batch_forward,
                         max_train_per_class=scale.probe_train_per_class, max_test_per_class=scale.probe_test_per_class)
-    path = common.results_dir(scale) / f"{NAME}.json"  # a partial result: the datasets an earlier session finished
-    earlier = json.loads(path.read_text()) if path.is_file() and not force else {}
+    earlier = {} if force else common.read_result(scale, NAME) or {}  # a partial result: the datasets finished
     same = earlier.get("config") == json.loads(json.dumps(dataclasses.asdict(cfg)))  # as the JSON holds it
     datasets = earlier.get("datasets", {}) if same else {}
     for name in DATASETS:

@@ -16,7 +16,6 @@ Writes results/effect_of_j.{json,md,png}.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +90,7 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
         return None
     acts = common.get_cache(scale, progress)
     spliced = common.Spliced(scale, scale.sweep_spliced_contexts)
-    path = common.results_dir(scale) / f"{NAME}.json"
-    done = json.loads(path.read_text()) if path.is_file() and not force else {}
+    done = {} if force else common.read_result(scale, NAME) or {}
     seeds = scale.sweep_seeds or scale.seeds
     result = {"scale": scale.name, "hook": common.hook(), "members": scale.members, "seeds": seeds, "k": scale.k,
               "width": scale.width, "sweep_spliced_contexts": scale.sweep_spliced_contexts,

@@ -97,8 +97,7 @@ def remaining(scale: common.Scale, d_in: int = 576) -> dict[str, dict[str, float
         out[part] = cost([r for m in common.METHODS if todo(part) for r in table("topk", m, 1)])
     out["pareto"] = cost([pareto.point_run(scale, d_in, m, k) for k in scale.pareto_ks for m in common.METHODS
                           if todo("pareto") and not pareto.point_path(scale, m, k, scale.spliced_contexts).is_file()])
-    path = common.results_dir(scale) / f"{effect_of_j.NAME}.json"
-    swept = json.loads(path.read_text()).get("curves", {}) if path.is_file() else {}
+    swept = (common.read_result(scale, effect_of_j.NAME) or {}).get("curves", {})
     out["effect_of_j"] = cost([r for m in ("bagging", "boosting") if todo("effect_of_j") and m not in swept
                                for r in table("topk", m, scale.sweep_seeds or scale.seeds)])
     return out
