@@ -2,7 +2,8 @@
 
 Target sentiment (negative / positive), spurious attribute @mention (the offline stand-in for Bias
 in Bios; see saeens/evals/scr.py). The four TopK ensembles are table 1's seed-0 runs. The documents
-of the biased/balanced/test sets are run through the model ONCE; each ensemble encodes the same
+of the biased/balanced/test sets are run through the model ONCE (each pooled batch is kept in the
+work directory, so a pass that a session's end interrupts resumes); each ensemble encodes the same
 activations and `saeens.evals.scr.scr_from_pooled` (the model-free half of `run_scr`: same probes,
 same latent ranking, zero-ablation with the error term kept) scores N ablated latents for N in
 scr_ns, with N random latents as a control. Writes results/spurious_removal.{json,md,png}.
@@ -40,7 +41,7 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
     docs = list({d.doc_id: d for s in sets.values() for d in s}.values())  # each document pooled once
     row = {d.doc_id: i for i, d in enumerate(docs)}
     pooled_acts, pooled_codes = pool_documents(scale, [d.text for d in docs], tuple(ens.values()), cfg.context_length,
-                                               progress)
+                                               progress, keep=NAME)  # an interrupted pass resumes
 
     def take(name: str, codes: np.ndarray):
         idx = np.asarray([row[d.doc_id] for d in sets[name]])
