@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments import common
-from experiments.intrinsic import table_run
+from experiments import across_budgets, common
+from experiments.intrinsic import member_zero, table_run
 from experiments.uncertainty import accuracy_ci
 from saeens import ensemble
 from saeens.evals.probing import ProbingConfig, hook_acts, pool_weights, probe_pooled, tokenize_texts
@@ -37,6 +37,7 @@ from saeens.io.files import atomic_write
 NAME = "concept_detection"
 DATASETS = ("bbc-topic", "tweet-sentiment", "shakespeare-genre", "text-source")
 KS = (1, 2, 5)
+FIRST_BUDGET = "-first-budget"  # the name suffix of a downstream result at the first study's budget
 
 
 @partial(jax.jit, static_argnums=(0, 5))
@@ -114,20 +115,55 @@ def _read_batch(path: Path | None, n_ensembles: int) -> tuple[np.ndarray, list[n
         return None
 
 
-def method_ensembles(scale: common.Scale, acts, progress: bool) -> dict[str, Any]:
-    return {m: table_run(scale, acts, "topk", m, 0, progress)[0] for m in common.METHODS}
+def method_ensembles(scale: common.Scale, acts, progress: bool, first_budget: bool = False) -> dict[str, Any]:
+    """Table 1's seed-0 TopK runs; with first_budget their twins (across_budgets.twin: the same seeds
+    trained to the first study's budget only; the single SAE is member 0 of bagging's twin)."""
+    if not first_budget:
+        return {m: table_run(scale, acts, "topk", m, 0, progress)[0] for m in common.METHODS}
+    out = {}
+    for m in common.METHODS:
+        ens, info = common.ensure_run(scale, *across_budgets.twin(scale, acts.d_in, "topk", m, 0), acts, progress)
+        out[m] = member_zero(ens, info)[0] if m == "single" else ens
+    return out
 
 
-def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dict[str, Any] | None:
+def result_name(name: str, first_budget: bool) -> str:
+    """A downstream result's name: `name`, or at the first study's budget `name`-first-budget."""
+    return f"{name}{FIRST_BUDGET if first_budget else ''}"
+
+
+def budget_title(result: dict[str, Any]) -> str:
+    """The budget a downstream table's ensembles were trained to (older results did not record it)."""
+    if "train_tokens" not in result:
+        return ""
+    twins = " (the first study's budget: table 1's seed-0 runs' twins)" if result.get("first_budget") else ""
+    return f", {result['train_tokens']:,} tokens per SAE{twins}"
+
+
+def regenerate(result: dict[str, Any], script: str) -> str:
+    script = "downstream_budgets" if result.get("first_budget") else script
+    return f"`python -m experiments.{script} --scale {result['scale']}`"
+
+
+def train_tokens(scale: common.Scale, acts, first_budget: bool) -> int:
+    """Tokens per SAE / boosting stage of the ensembles `method_ensembles` returns."""
+    return across_budgets.twin(scale, acts.d_in, "topk", "bagging", 0)[1].train.n_tokens if first_budget \
+        else scale.train_tokens
+
+
+def main(scale: common.Scale, force: bool = False, progress: bool = True,
+         first_budget: bool = False) -> dict[str, Any] | None:
+    """Table 4 (first_budget: the same at the first study's budget, experiments/downstream_budgets.py)."""
     from saeens.data.labelled import probing_dataset
 
-    if common.result_done(scale, NAME, force):
+    name_ = result_name(NAME, first_budget)
+    if common.result_done(scale, name_, force):
         return None
     acts = common.get_cache(scale, progress)
-    ens = method_ensembles(scale, acts, progress)
+    ens = method_ensembles(scale, acts, progress, first_budget)
     cfg = ProbingConfig(ks=KS, context_length=scale.probe_context, batch_size=scale.batch_forward,
                         max_train_per_class=scale.probe_train_per_class, max_test_per_class=scale.probe_test_per_class)
-    earlier = {} if force else common.read_result(scale, NAME) or {}  # a partial result: the datasets finished
+    earlier = {} if force else common.read_result(scale, name_) or {}  # a partial result: the datasets finished
     same = earlier.get("config") == json.loads(json.dumps(dataclasses.asdict(cfg)))  # as the JSON holds it
     datasets = earlier.get("datasets", {}) if same else {}
     for name in DATASETS:
@@ -137,7 +173,7 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
         pooled = {}
         for split, docs in (("train", ds.train), ("test", ds.test)):
             pooled[split] = pool_documents(scale, [d.text for d in docs], tuple(ens.values()), cfg.context_length,
-                                           progress, keep=f"{NAME}-{name}-{split}")
+                                           progress, keep=f"{name_}-{name}-{split}")
         by_method = {}
         for i, method in enumerate(ens):
             tasks = probe_pooled(ds.classes, [d.label for d in ds.train], pooled["train"][0], pooled["train"][1][i],
@@ -153,10 +189,11 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
             }
         datasets[name] = {"counts": ds.counts(), "methods": by_method}
         result = {"scale": scale.name, "hook": common.hook(), "members": scale.members, "width": scale.width,
-                  "k": scale.k, "config": dataclasses.asdict(cfg), "datasets": datasets,
+                  "k": scale.k, "train_tokens": train_tokens(scale, acts, first_budget), "first_budget": first_budget,
+                  "config": dataclasses.asdict(cfg), "datasets": datasets,
                   "complete": len(datasets) == len(DATASETS)}  # each finished dataset is written at once
-        common.write_result(scale, NAME, result, markdown(result))
-    plot(result, common.results_dir(scale) / f"{NAME}.png")
+        common.write_result(scale, name_, result, markdown(result))
+    plot(result, common.results_dir(scale) / f"{name_}.png")
     return result
 
 
@@ -191,12 +228,13 @@ def markdown(result: dict[str, Any]) -> str:
                      "llm_all_dims": mean_over_datasets(result, method, "llm_test_accuracy")})
     c = result["config"]
     return "\n".join([
-        f"# Table 4: concept detection (sparse probing), TopK k = {result['k']}, J = {result['members']}", "",
+        f"# Table 4: concept detection (sparse probing), TopK k = {result['k']}, J = {result['members']}"
+        f"{budget_title(result)}", "",
         f"Test accuracy of an L2 logistic regression on the top-k latents (mean over one-vs-rest tasks; balanced "
         f"sets; at most {c['max_train_per_class']} train / {c['max_test_per_class']} test documents per class, "
         f"first {c['context_length']} tokens). llm_all_dims: the same probe on all raw activation dims. "
         "Plot: concept_detection.png.", "",
-        f"Regenerate: `python -m experiments.concept_detection --scale {result['scale']}`", "",
+        f"Regenerate: {regenerate(result, NAME)}", "",
         *(["**Partial**: the datasets finished so far; a rerun finishes the rest.", ""]
           if not result.get("complete", True) else []), format_table(rows)])
 

@@ -14,8 +14,8 @@ import math
 
 import numpy as np
 
-from experiments import across_budgets, boosting_stages, common, concept_detection, intrinsic
-from experiments.uncertainty import NO_DIFFERENCE, best_of, compare
+from experiments import across_budgets, boosting_stages, common, concept_detection, downstream_budgets, intrinsic
+from experiments.uncertainty import NO_DIFFERENCE, best_of, change, compare
 
 START, END = "<!-- FINDINGS:START (written by experiments/report.py) -->", "<!-- FINDINGS:END -->"
 SUMMARY_START, SUMMARY_END = "<!-- RESULTS:START (written by experiments/report.py) -->", "<!-- RESULTS:END -->"
@@ -184,6 +184,22 @@ def pareto_findings(pa: dict) -> list[str]:
     return out
 
 
+def concept_top1(cd: dict) -> dict[str, dict[str, float]]:
+    """Each method's mean top-1 accuracy over datasets with its bootstrap over test documents."""
+    return {m: concept_detection.mean_over_datasets_ci(cd, m, 1) for m in concept_detection.methods_of(cd)}
+
+
+def scr_best(scr: dict) -> dict[str, dict[str, float]]:
+    """Each method's best SCR score over N, with N and the bootstrap interval at that N (NaN where the
+    result recorded none)."""
+    out = {}
+    for m, r in scr["methods"].items():
+        a = max(r["ablations"], key=lambda a: a["score"])
+        low, high = r.get(f"scr_ci_top_{a['n_ablated']}", (float("nan"),) * 2)
+        out[m] = {"mean": a["score"], "n_ablated": a["n_ablated"], "ci_low": low, "ci_high": high}
+    return out
+
+
 def downstream_findings(cd: dict | None, scr: dict | None) -> list[str]:
     out = []
     if cd:
@@ -199,22 +215,39 @@ def downstream_findings(cd: dict | None, scr: dict | None) -> list[str]:
                    + ", ".join(f"{m} {f3(v[1]['mean'])} [{f3(v[1]['ci_low'])}, {f3(v[1]['ci_high'])}] / {f3(v[5]['mean'])}"
                                for m, v in cis.items()) + f". {verdict}")
     if scr:
-        best = {m: max(a["score"] for a in r["ablations"]) for m, r in scr["methods"].items()}
+        best = scr_best(scr)
         rnd = {m: max((a["score"] for a in r["random_ablations"]), default=float("nan")) for m, r in scr["methods"].items()}
-        winner = max(best, key=best.get)
-        n_best = {m: max(r["ablations"], key=lambda a: a["score"])["n_ablated"] for m, r in scr["methods"].items()}
-        # the interval over test documents (bootstrap), where the result records it
-        ci = {m: dict(zip(("ci_low", "ci_high"), r.get(f"scr_ci_top_{n_best[m]}", (float("nan"),) * 2)))
-              for m, r in scr["methods"].items()}
-        if any(math.isnan(c["ci_low"]) for c in ci.values()):
+        winner = max(best, key=lambda m: best[m]["mean"])
+        if any(math.isnan(c["ci_low"]) for c in best.values()):
             verdict = f"Highest: {winner} (no bootstrap interval recorded: rerun spurious_removal to judge the noise)."
-        elif all(compare(ci[winner], ci[m]) == "higher" for m in best if m != winner):
+        elif all(compare(best[winner], best[m]) == "higher" for m in best if m != winner):
             verdict = f"Best: **{winner}** (its bootstrap interval clears every other method's)."
         else:
             verdict = f"Highest: {winner}, but {NO_DIFFERENCE} beyond the test documents' noise (bootstrap intervals overlap)."
         out.append(f"- **Spurious-correlation removal** (paper: Bias in Bios; here {scr['dataset']}). Best SCR score "
-                   "over N: " + ", ".join(f"{m} {f3(v)} [{f3(ci[m]['ci_low'])}, {f3(ci[m]['ci_high'])}] (random "
+                   "over N: " + ", ".join(f"{m} {f3(v['mean'])} [{f3(v['ci_low'])}, {f3(v['ci_high'])}] (random "
                                           f"control {f3(rnd[m])})" for m, v in best.items()) + f". {verdict}")
+    return out
+
+
+def downstream_movement(first: tuple[dict | None, dict | None], new: tuple[dict | None, dict | None],
+                        tokens: int) -> list[str]:
+    """Each pair of methods compared at the first study's budget (the seed-0 twins) and at table 1's
+    (the same seeds; `tokens` per SAE, where a result did not record it), and how the comparison
+    moved with the budget (uncertainty.change)."""
+    out = []
+    for title, fn, old, now in (("Concept detection, mean top-1", concept_top1, first[0], new[0]),
+                                ("SCR, best score over N", scr_best, first[1], new[1])):
+        if not (old and now and old.get("complete", True) and now.get("complete", True)):
+            continue
+        a_ci, b_ci = fn(old), fn(now)
+        pairs = []
+        for i, a in enumerate(common.METHODS):
+            for b in common.METHODS[i + 1:]:
+                v0, v1 = compare(a_ci[a], a_ci[b]), compare(b_ci[a], b_ci[b])
+                pairs.append(f"{a} vs {b}: {v0} -> {v1} ({change(v0, v1)})")
+        out.append(f"- **{title}, {old['train_tokens']:,} -> {now.get('train_tokens', tokens):,} tokens per SAE** "
+                   f"(the same seed; a > b when its bootstrap interval clears b's): " + "; ".join(pairs) + ".")
     return out
 
 
@@ -241,6 +274,13 @@ def findings(scale: common.Scale) -> str:
         lines += [f"### {title}", ""] + (fn(data) if data else [not_run(scale, name)]) + [""]
     lines += ["### Downstream tasks (tables 4, 5)", ""] + (downstream_findings(cd, scr)
                                                             or [not_run(scale, "concept_detection")]) + [""]
+    first = tuple(common.read_result(scale, n) for n in downstream_budgets.NAMES)
+    if any(first):
+        tokens = next(r["train_tokens"] for r in first if r)
+        lines += [f"At the first study's budget ({tokens:,} tokens per SAE: the seed-0 runs' twins, today's data "
+                  f"policy and SCR protocol; `python -m experiments.downstream_budgets --scale {scale.name}`), and "
+                  "how each comparison moved with the budget:", "", *downstream_findings(*first),
+                  *downstream_movement(first, (cd, scr), scale.train_tokens), ""]
     return "\n".join(lines)
 
 

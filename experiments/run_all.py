@@ -1,5 +1,6 @@
 """Every experiment in order, resumably: cache -> sparsity probe -> the data policy at the old budget ->
-convergence -> table 1 -> table 1 across budgets -> boosting's stages -> probing -> SCR -> Pareto -> J sweep -> report.
+convergence -> table 1 -> table 1 across budgets -> boosting's stages -> probing -> SCR -> Pareto -> J sweep ->
+probing and SCR at the first study's budget -> report.
 Probing, SCR and Pareto's main-k points evaluate the same seed-0 runs of table 1, so they come
 together (a session that must train those runs again trains them once); the J sweep, whose
 independent ensembles must all be trained in one session, comes last.
@@ -24,13 +25,14 @@ import json
 import time
 
 from experiments import (across_budgets, boosting_stages, common, concept_detection, convergence, data_policy,
-                         effect_of_j, intrinsic, pareto, report, sparsity_probe, spurious_removal)
+                         downstream_budgets, effect_of_j, intrinsic, pareto, report, sparsity_probe, spurious_removal)
 from experiments import estimate as planned
 
 STEPS = (("sparsity_probe", sparsity_probe.main), ("data_policy", data_policy.main), ("convergence", convergence.main),
          ("intrinsic", intrinsic.main), ("across_budgets", across_budgets.main), ("boosting_stages", boosting_stages.main),
          ("concept_detection", concept_detection.main), ("spurious_removal", spurious_removal.main),
-         ("pareto", pareto.main), ("effect_of_j", effect_of_j.main), ("report", report.main))
+         ("pareto", pareto.main), ("effect_of_j", effect_of_j.main),
+         ("downstream_budgets", downstream_budgets.main), ("report", report.main))
 
 
 def estimate(scale: common.Scale, d_in: int = 576) -> dict[str, dict[str, float]]:
@@ -57,6 +59,10 @@ def estimate(scale: common.Scale, d_in: int = 576) -> dict[str, dict[str, float]
     return {"sparsity_probe": {"dense": probe}, "data_policy": {"topk": policy["topk"], "dense": policy["relu"]},
             "convergence": {"topk": conv}, "intrinsic": {"topk": t1, "dense": dense},
             "across_budgets": {"topk": twins.pop("topk"), "dense": sum(twins.values())}, "pareto": {"topk": pa},
+            # bagging's and the expanded SAE's seed-0 twins (boosting's is across_budgets')
+            "downstream_budgets": {"topk": sum(common.train_flops(across_budgets.twin(scale, d_in, "topk", m, 0)[1],
+                                                                  scale.cache_tokens) / 1e12
+                                               for m in ("expanded", "bagging") if scale.budgets_of("topk"))},
             "boosting_stages": {"topk": sum(common.train_flops(run, scale.cache_tokens) / 1e12
                                             for _, run in boosting_stages.all_residual_runs(scale, d_in))}}
 
@@ -100,6 +106,8 @@ def remaining(scale: common.Scale, d_in: int = 576) -> dict[str, dict[str, float
     swept = (common.read_result(scale, effect_of_j.NAME) or {}).get("curves", {})
     out["effect_of_j"] = cost([r for m in ("bagging", "boosting") if todo("effect_of_j") and m not in swept
                                for r in table("topk", m, scale.sweep_seeds or scale.seeds)])
+    out["downstream_budgets"] = cost([across_budgets.twin(scale, d_in, "topk", m, 0) for m in common.METHODS
+                                      if scale.budgets_of("topk") and any(todo(n) for n in downstream_budgets.NAMES)])
     return out
 
 

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from experiments import common
-from experiments.concept_detection import method_ensembles, pool_documents
+from experiments.concept_detection import (budget_title, method_ensembles, pool_documents, regenerate, result_name,
+                                           train_tokens)
 from saeens import ensemble
 from saeens.evals.scr import PooledSCRData, SCRConfig, score_ci, scr_from_pooled, scr_sets
 
@@ -27,13 +28,16 @@ NAME = "spurious_removal"
 DATASET = "tweets-mention"
 
 
-def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dict[str, Any] | None:
+def main(scale: common.Scale, force: bool = False, progress: bool = True,
+         first_budget: bool = False) -> dict[str, Any] | None:
+    """Table 5 (first_budget: the same at the first study's budget, experiments/downstream_budgets.py)."""
     from saeens.data.labelled import scr_dataset
 
-    if common.result_done(scale, NAME, force):
+    name = result_name(NAME, first_budget)
+    if common.result_done(scale, name, force):
         return None
     acts = common.get_cache(scale, progress)
-    ens = method_ensembles(scale, acts, progress)
+    ens = method_ensembles(scale, acts, progress, first_budget)
     cfg = SCRConfig(n_ablated=scale.scr_ns, context_length=scale.probe_context, batch_size=scale.batch_forward,
                     n_train_per_group=scale.scr_train_per_group, n_test_per_group=scale.scr_test_per_group)
     ds = scr_dataset(DATASET)
@@ -41,7 +45,7 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
     docs = list({d.doc_id: d for s in sets.values() for d in s}.values())  # each document pooled once
     row = {d.doc_id: i for i, d in enumerate(docs)}
     pooled_acts, pooled_codes = pool_documents(scale, [d.text for d in docs], tuple(ens.values()), cfg.context_length,
-                                               progress, keep=NAME)  # an interrupted pass resumes
+                                               progress, keep=name)  # an interrupted pass resumes
 
     def take(name: str, codes: np.ndarray):
         idx = np.asarray([row[d.doc_id] for d in sets[name]])
@@ -71,10 +75,11 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
     counts = {name: {f"{t}/{s}": sum(ds.group(d) == (t, s) for d in docs_) for t in ds.targets
                      for s in ds.spurious_values} for name, docs_ in sets.items()}
     result = {"scale": scale.name, "hook": common.hook(), "dataset": DATASET, "members": scale.members,
-              "width": scale.width, "k": scale.k, "config": dataclasses.asdict(cfg), "group_counts": counts,
+              "width": scale.width, "k": scale.k, "train_tokens": train_tokens(scale, acts, first_budget),
+              "first_budget": first_budget, "config": dataclasses.asdict(cfg), "group_counts": counts,
               "methods": methods}
-    common.write_result(scale, NAME, result, markdown(result))
-    plot(result, common.results_dir(scale) / f"{NAME}.png")
+    common.write_result(scale, name, result, markdown(result))
+    plot(result, common.results_dir(scale) / f"{name}.png")
     return result
 
 
@@ -92,13 +97,14 @@ def markdown(result: dict[str, Any]) -> str:
         rows.append(row)
     c = result["config"]
     return "\n".join([
-        f"# Table 5: spurious-correlation removal on {result['dataset']} (TopK k = {result['k']}, J = {result['members']})",
+        f"# Table 5: spurious-correlation removal on {result['dataset']} (TopK k = {result['k']}, J = {result['members']}"
+        f"{budget_title(result)})",
         "", "score(N) = (acc_ablated - acc_biased) / (acc_oracle - acc_biased) of the biased probe on the balanced "
         f"test set after zero-ablating the top N latents (error term kept); {c['n_train_per_group']} documents per "
         f"biased train group, {c['n_test_per_group']} per test group (N is capped at the number of features). "
         "random_N: N random latents (control). "
         "Plot: spurious_removal.png.", "",
-        f"Regenerate: `python -m experiments.spurious_removal --scale {result['scale']}`", "", format_table(rows)])
+        f"Regenerate: {regenerate(result, NAME)}", "", format_table(rows)])
 
 
 def plot(result: dict[str, Any], out) -> None:

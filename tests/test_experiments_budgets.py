@@ -102,7 +102,7 @@ def test_a_flip_inside_the_noise_is_no_difference():
 def test_remaining_plans_only_what_is_neither_committed_nor_trained(work):
     """The resumed study's estimate: a committed row, a finished run in the work directory and a
     complete result cost nothing; a run that a later part needs again is paid once, where it is first needed."""
-    from experiments import intrinsic, pareto, run_all
+    from experiments import across_budgets, intrinsic, pareto, run_all
 
     scale = _scale(budgets=(1024,), other_budgets=(1024,))
     tf = lambda name, run: common.train_flops(run, scale.cache_tokens) / 1e12  # noqa: E731
@@ -114,6 +114,11 @@ def test_remaining_plans_only_what_is_neither_committed_nor_trained(work):
     own = dict(pareto.point_run(scale, 16, m, k) for k in (4, 8) for m in common.METHODS
                if not pareto.from_table(scale, m, k))
     assert len(own) == 4 and left["pareto"]["topk"] == pytest.approx(sum(tf(*r) for r in own.items()))
+    # probing and SCR at the first budget: the seed-0 twins of bagging and the expanded SAE (boosting's
+    # twin is paid by across_budgets, the first part to train it)
+    twin = lambda m: across_budgets.twin(scale, 16, "topk", m, 0)  # noqa: E731
+    assert left["downstream_budgets"]["topk"] == pytest.approx(tf(*twin("expanded")) + tf(*twin("bagging")))
+    assert left["downstream_budgets"] == pytest.approx(full["downstream_budgets"])
     # table 1's TopK expanded row is committed: its runs are paid by probing, the first part to need them again
     for s in range(2):
         path = intrinsic.run_record_path(scale, intrinsic.run_dir_of(scale, "topk", "expanded", s))
@@ -152,7 +157,7 @@ def test_estimate_prints_planned_hours_from_measured_throughput(work, capsys):
     assert set(rates) == {"topk", "dense"} and all(r > 0 for r in rates.values())
     parts = run_all.estimate(scale, d_in=16)
     assert set(parts) == {"sparsity_probe", "data_policy", "convergence", "intrinsic", "across_budgets", "pareto",
-                          "boosting_stages"}
+                          "boosting_stages", "downstream_budgets"}
     planned = estimate.plan(parts, rates)
     want = sum(t * 1e12 / rates[k] for kinds in parts.values() for k, t in kinds.items()) / 3600
     assert planned["total_hours"] == pytest.approx(want, abs=0.01)
@@ -170,6 +175,10 @@ def test_estimate_prints_planned_hours_from_measured_throughput(work, capsys):
     twin = common.run_config(common.SCALES["full"], 576, "topk", "boosting", 8, 0)
     twin = dataclasses.replace(twin, train=dataclasses.replace(twin.train, n_tokens=300 * 1024))
     assert full["across_budgets"]["topk"] == pytest.approx(4 * common.train_flops(twin, 2_000_000) / 1e12)
+    # probing and SCR at the old budget: the seed-0 twins of bagging and the expanded SAE (300 steps)
+    assert full["downstream_budgets"]["topk"] == pytest.approx(sum(common.train_flops(dataclasses.replace(
+        twin, train=dataclasses.replace(twin.train, seed=0), ensemble=dataclasses.replace(twin.ensemble, method=m)),
+        2_000_000) for m in ("expanded", "bagging")) / 1e12)
     # boosting_stages: 4 single SAEs on one stage-1 residual at the twins' budget, and 4 at table 1's
     one = common.run_config(common.SCALES["full"], 576, "topk", "single", 1, 0)
     assert full["boosting_stages"]["topk"] == pytest.approx(4 * sum(common.train_flops(

@@ -208,3 +208,28 @@ def test_pooling_keeps_each_batch_so_an_interrupted_pass_resumes_and_a_changed_e
     calls.clear()
     concept_detection.pool_documents(toy_gpu, texts, changed, 16, keep="probe")
     assert len(calls) == 3 and folder not in list(root.iterdir())  # the stale fingerprint is removed
+
+
+def test_downstream_tables_at_the_first_budget_use_the_twins_and_the_report_says_how_each_comparison_moved(toy_gpu):
+    """Probing and SCR of the seed-0 twins (the first study's budget, today's protocol) beside the same
+    at table 1's budget: the report compares every pair of methods at both and names the movement."""
+    from experiments import concept_detection, downstream_budgets, spurious_removal
+
+    scale = dataclasses.replace(toy_gpu, probe_train_per_class=4, probe_test_per_class=2, probe_context=16,
+                                scr_train_per_group=4, scr_test_per_group=2, scr_ns=(2, 5))
+    first = downstream_budgets.main(scale, progress=False)
+    cd, scr = first["concept_detection"], first["spurious_removal"]
+    assert cd["first_budget"] and scr["first_budget"] and cd["train_tokens"] == scr["train_tokens"] == 512
+    twins = {common.runs_dir(scale) / f"topk-k4-{m}-J2-s0-T512" for m in ("expanded", "bagging", "boosting")}
+    assert all((t / "ensemble.json").is_file() for t in twins)
+    results = common.results_dir(scale)
+    assert "512 tokens per SAE (the first study's budget" in (results / "spurious_removal-first-budget.md").read_text()
+    assert not (results / "concept_detection.json").exists()  # table 4 itself is another result
+    table = concept_detection.main(scale, progress=False), spurious_removal.main(scale, progress=False)
+    assert table[0]["train_tokens"] == scale.train_tokens and not table[0]["first_budget"]
+    text = report.findings(scale)
+    assert "At the first study's budget (512 tokens per SAE" in text
+    for title in ("Concept detection, mean top-1, 512 -> 2,048", "SCR, best score over N, 512 -> 2,048"):
+        line = next(x for x in text.splitlines() if title in x)
+        assert line.count(" vs ") == 6 and "single vs expanded: " in line  # every pair, at both budgets
+    assert downstream_budgets.main(scale, progress=False) == {"concept_detection": None, "spurious_removal": None}
