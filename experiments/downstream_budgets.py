@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from experiments import common, concept_detection, spurious_removal
+from experiments import common, concept_detection, downstream, spurious_removal
 
-NAMES = tuple(concept_detection.result_name(n, True) for n in (concept_detection.NAME, spurious_removal.NAME))
+NAMES = tuple(downstream.result_name(n, True) for n in (concept_detection.NAME, spurious_removal.NAME))
 
 
 def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dict[str, Any] | None:

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from experiments import common
-from experiments.concept_detection import (budget_title, method_ensembles, pool_documents, regenerate, result_name,
-                                           train_tokens)
+from experiments.downstream import (budget_title, method_ensembles, pool_documents, regenerate, result_name,
+                                    train_tokens)
 from saeens import ensemble
 from saeens.evals.scr import PooledSCRData, SCRConfig, score_ci, scr_from_pooled, scr_sets
 

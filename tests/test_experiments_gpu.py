@@ -185,28 +185,28 @@ def test_pooling_keeps_each_batch_so_an_interrupted_pass_resumes_and_a_changed_e
     scale): a kept batch is read back, not pooled again, and only a batch that is missing is."""
     import jax
 
-    from experiments import concept_detection
+    from experiments import downstream
 
     acts = common.get_cache(toy_gpu, False)
-    ens = tuple(concept_detection.method_ensembles(toy_gpu, acts, False).values())
+    ens = tuple(downstream.method_ensembles(toy_gpu, acts, False).values())
     texts = [f"Document {i} says something about the weather and the news." for i in range(19)]  # 3 batches of 8
-    first = concept_detection.pool_documents(toy_gpu, texts, ens, 16, keep="probe")
+    first = downstream.pool_documents(toy_gpu, texts, ens, 16, keep="probe")
     root = common.WORK / toy_gpu.name / "pooled" / "probe"
     (folder,) = root.iterdir()
     batches = sorted(folder.iterdir())
     assert len(batches) == 3
     batches[1].unlink()  # a session ended before this batch was written
     calls = []
-    real = concept_detection._pool_many
-    monkeypatch.setattr(concept_detection, "_pool_many", lambda *a: calls.append(1) or real(*a))
-    again = concept_detection.pool_documents(toy_gpu, texts, ens, 16, keep="probe")
+    real = downstream._pool_many
+    monkeypatch.setattr(downstream, "_pool_many", lambda *a: calls.append(1) or real(*a))
+    again = downstream.pool_documents(toy_gpu, texts, ens, 16, keep="probe")
     assert len(calls) == 1  # only the missing batch went through the model
     np.testing.assert_array_equal(again[0], first[0])
     for a, b in zip(again[1], first[1]):
         np.testing.assert_array_equal(a, b)
     changed = (jax.tree.map(lambda x: x * 1.5, ens[0]),) + ens[1:]  # other parameters: nothing stale is read
     calls.clear()
-    concept_detection.pool_documents(toy_gpu, texts, changed, 16, keep="probe")
+    downstream.pool_documents(toy_gpu, texts, changed, 16, keep="probe")
     assert len(calls) == 3 and folder not in list(root.iterdir())  # the stale fingerprint is removed
 
 
