@@ -6,8 +6,8 @@ and run through the model ONCE; every ensemble encodes the same hook activations
 `saeens.evals.probing.probe_pooled` (the model-free half of `run_probing`, so the same protocol:
 balanced one-vs-rest tasks, top-k latents by |mean_pos - mean_neg|, L2 logistic regression C = 1)
 gives the test accuracy for k in (1, 2, 5) and the raw-activation baseline. Each finished dataset
-is written at once, and each pooled batch is kept in the work directory (experiments/downstream.py), so a
-session that ends mid-pass loses neither. Writes results/concept_detection.{json,md,png}.
+is written at once, and each pooled batch is kept in the work directory (experiments/downstream.py),
+so a session that ends mid-pass loses neither. Writes results/concept_detection.{json,md,png}.
 
     python -m experiments.concept_detection --scale full
 """
@@ -36,14 +36,14 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True,
     """Table 4 (first_budget: the same at the first study's budget, experiments/downstream_budgets.py)."""
     from saeens.data.labelled import probing_dataset
 
-    name_ = result_name(NAME, first_budget)
-    if common.result_done(scale, name_, force):
+    stem = result_name(NAME, first_budget)
+    if common.result_done(scale, stem, force):
         return None
     acts = common.get_cache(scale, progress)
     ens = method_ensembles(scale, acts, progress, first_budget)
     cfg = ProbingConfig(ks=KS, context_length=scale.probe_context, batch_size=scale.batch_forward,
                         max_train_per_class=scale.probe_train_per_class, max_test_per_class=scale.probe_test_per_class)
-    earlier = {} if force else common.read_result(scale, name_) or {}  # a partial result: the datasets finished
+    earlier = {} if force else common.read_result(scale, stem) or {}  # a partial result: the datasets finished
     same = earlier.get("config") == json.loads(json.dumps(dataclasses.asdict(cfg)))  # as the JSON holds it
     datasets = earlier.get("datasets", {}) if same else {}
     for name in DATASETS:
@@ -53,7 +53,7 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True,
         pooled = {}
         for split, docs in (("train", ds.train), ("test", ds.test)):
             pooled[split] = pool_documents(scale, [d.text for d in docs], tuple(ens.values()), cfg.context_length,
-                                           progress, keep=f"{name_}-{name}-{split}")
+                                           progress, keep=f"{stem}-{name}-{split}")
         by_method = {}
         for i, method in enumerate(ens):
             tasks = probe_pooled(ds.classes, [d.label for d in ds.train], pooled["train"][0], pooled["train"][1][i],
@@ -72,8 +72,8 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True,
                   "k": scale.k, "train_tokens": train_tokens(scale, acts, first_budget), "first_budget": first_budget,
                   "config": dataclasses.asdict(cfg), "datasets": datasets,
                   "complete": len(datasets) == len(DATASETS)}  # each finished dataset is written at once
-        common.write_result(scale, name_, result, markdown(result))
-    plot(result, common.results_dir(scale) / f"{name_}.png")
+        common.write_result(scale, stem, result, markdown(result))
+    plot(result, common.results_dir(scale) / f"{stem}.png")
     return result
 
 

@@ -33,8 +33,8 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True,
     """Table 5 (first_budget: the same at the first study's budget, experiments/downstream_budgets.py)."""
     from saeens.data.labelled import scr_dataset
 
-    name = result_name(NAME, first_budget)
-    if common.result_done(scale, name, force):
+    stem = result_name(NAME, first_budget)
+    if common.result_done(scale, stem, force):
         return None
     acts = common.get_cache(scale, progress)
     ens = method_ensembles(scale, acts, progress, first_budget)
@@ -45,7 +45,7 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True,
     docs = list({d.doc_id: d for s in sets.values() for d in s}.values())  # each document pooled once
     row = {d.doc_id: i for i, d in enumerate(docs)}
     pooled_acts, pooled_codes = pool_documents(scale, [d.text for d in docs], tuple(ens.values()), cfg.context_length,
-                                               progress, keep=name)  # an interrupted pass resumes
+                                               progress, keep=stem)  # an interrupted pass resumes
 
     def take(name: str, codes: np.ndarray):
         idx = np.asarray([row[d.doc_id] for d in sets[name]])
@@ -78,8 +78,8 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True,
               "width": scale.width, "k": scale.k, "train_tokens": train_tokens(scale, acts, first_budget),
               "first_budget": first_budget, "config": dataclasses.asdict(cfg), "group_counts": counts,
               "methods": methods}
-    common.write_result(scale, name, result, markdown(result))
-    plot(result, common.results_dir(scale) / f"{name}.png")
+    common.write_result(scale, stem, result, markdown(result))
+    plot(result, common.results_dir(scale) / f"{stem}.png")
     return result
 
 
