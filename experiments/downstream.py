@@ -47,8 +47,9 @@ def pool_documents(scale: common.Scale, texts: list[str], ensembles: tuple, cont
 
     With `keep` (a name), each pooled batch is kept under WORK/<scale>/pooled/<keep>/<fingerprint>/, so
     a pass that a session's end interrupted resumes at its first missing batch, and a rerun (--force)
-    scores again without a model pass (the model is still loaded and the texts tokenised). The fingerprint covers what a batch depends on (texts, model, hook,
-    context, batch size, every ensemble's parameters): a changed input never reads a stale batch."""
+    scores again without a model pass (the model is still loaded and the texts tokenised). The
+    fingerprint covers what a batch depends on (texts, model, hook, context, batch size, every
+    ensemble's parameters): a changed input never reads a stale batch."""
     from tqdm.auto import tqdm
 
     model, tokenizer = common.get_model()
