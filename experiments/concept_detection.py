@@ -5,7 +5,8 @@ The four TopK ensembles are table 1's seed-0 runs (J = members). For each labell
 and run through the model ONCE; every ensemble encodes the same hook activations, and
 `saeens.evals.probing.probe_pooled` (the model-free half of `run_probing`, so the same protocol:
 balanced one-vs-rest tasks, top-k latents by |mean_pos - mean_neg|, L2 logistic regression C = 1)
-gives the test accuracy for k in (1, 2, 5) and the raw-activation baseline. Each finished dataset
+gives the test accuracy for k in (1, 2, 5) and the raw-activation baseline; for boosting also each
+stage's latents alone (the whole ensemble's ranking may pick one stage's latents only). Each finished dataset
 is written at once, and each pooled batch is kept in the work directory (experiments/downstream.py),
 so a session that ends mid-pass loses neither. Writes results/concept_detection.{json,md,png}.
 
@@ -54,19 +55,18 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True,
         for split, docs in (("train", ds.train), ("test", ds.test)):
             pooled[split] = pool_documents(scale, [d.text for d in docs], tuple(ens.values()), cfg.context_length,
                                            progress, keep=f"{stem}-{name}-{split}")
+        def probe(i: int, cols: slice):  # ensemble i's latents `cols`
+            return probe_pooled(ds.classes, [d.label for d in ds.train], pooled["train"][0],
+                                pooled["train"][1][i][:, cols], [d.label for d in ds.test], pooled["test"][0],
+                                pooled["test"][1][i][:, cols], cfg)
+
         by_method = {}
-        for i, method in enumerate(ens):
-            tasks = probe_pooled(ds.classes, [d.label for d in ds.train], pooled["train"][0], pooled["train"][1][i],
-                                 [d.label for d in ds.test], pooled["test"][0], pooled["test"][1][i], cfg)
-            by_method[method] = {
-                "llm_test_accuracy": float(np.mean([t.llm_test_accuracy for t in tasks])),
-                **{f"sae_top_{k}_test_accuracy": float(np.mean([dict(t.sae_test_accuracy)[k] for t in tasks]))
-                   for k in KS},
-                # bootstrap over each task's test documents: a difference between methods inside it is none
-                **{f"sae_top_{k}_test_accuracy_ci": accuracy_ci([(dict(t.sae_test_accuracy)[k], t.n_test) for t in tasks])
-                   for k in KS},
-                "tasks": [t.to_dict() for t in tasks],
-            }
+        for i, (method, e) in enumerate(ens.items()):
+            by_method[method] = accuracies(probe(i, slice(None)))
+            if e.sequential:  # boosting: each stage's latents alone (the whole ensemble picks stage 1's)
+                m = e.params["W_dec"].shape[1]
+                by_method[method]["stages"] = [accuracies(probe(i, slice(j * m, (j + 1) * m)))
+                                               for j in range(e.n_members)]
         datasets[name] = {"counts": ds.counts(), "methods": by_method}
         result = {"scale": scale.name, "hook": common.hook(), "members": scale.members, "width": scale.width,
                   "k": scale.k, "train_tokens": train_tokens(scale, acts, first_budget), "first_budget": first_budget,
@@ -77,20 +77,40 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True,
     return result
 
 
+def accuracies(tasks) -> dict[str, Any]:
+    """One method's (or one boosting stage's) entry: mean accuracies over its tasks, the bootstrap
+    over each task's test documents (a difference between methods inside it is none), the tasks."""
+    return {"llm_test_accuracy": float(np.mean([t.llm_test_accuracy for t in tasks])),
+            **{f"sae_top_{k}_test_accuracy": float(np.mean([dict(t.sae_test_accuracy)[k] for t in tasks])) for k in KS},
+            **{f"sae_top_{k}_test_accuracy_ci": accuracy_ci([(dict(t.sae_test_accuracy)[k], t.n_test) for t in tasks])
+               for k in KS},
+            "tasks": [t.to_dict() for t in tasks]}
+
+
 def methods_of(result: dict[str, Any]) -> list[str]:
     return list(next(iter(result["datasets"].values()))["methods"])
 
 
-def mean_over_datasets(result: dict[str, Any], method: str, key: str) -> float:
-    """A method's accuracy `key` (e.g. sae_top_1_test_accuracy) averaged over the datasets."""
-    return float(np.mean([d["methods"][method][key] for d in result["datasets"].values()]))
+def stages_of(result: dict[str, Any], method: str) -> int:
+    """How many boosting stages were probed alone for `method` in every dataset (0: none recorded)."""
+    return min(len(d["methods"][method].get("stages", ())) for d in result["datasets"].values())
 
 
-def mean_over_datasets_ci(result: dict[str, Any], method: str, k: int) -> dict[str, Any]:
+def _entry(d: dict[str, Any], method: str, stage: int | None) -> dict[str, Any]:
+    return d["methods"][method] if stage is None else d["methods"][method]["stages"][stage]
+
+
+def mean_over_datasets(result: dict[str, Any], method: str, key: str, stage: int | None = None) -> float:
+    """A method's accuracy `key` (e.g. sae_top_1_test_accuracy) averaged over the datasets; with
+    `stage`, that boosting stage's latents alone."""
+    return float(np.mean([_entry(d, method, stage)[key] for d in result["datasets"].values()]))
+
+
+def mean_over_datasets_ci(result: dict[str, Any], method: str, k: int, stage: int | None = None) -> dict[str, Any]:
     """mean_over_datasets of the top-k accuracy with its bootstrap interval over every task's test
     documents (each dataset weighs the same), to tell a lead from the test sets' noise."""
     tasks = [(name, t["sae_test_accuracy"][str(k)], t["n_test"]) for name, d in result["datasets"].items()
-             for t in d["methods"][method]["tasks"]]
+             for t in _entry(d, method, stage)["tasks"]]
     return accuracy_ci([(a, n) for _, a, n in tasks], groups=[name for name, _, _ in tasks])
 
 
@@ -106,6 +126,10 @@ def markdown(result: dict[str, Any]) -> str:
         rows.append({"dataset": "MEAN", "method": method,
                      **{f"top_{k}": mean_over_datasets(result, method, f"sae_top_{k}_test_accuracy") for k in KS},
                      "llm_all_dims": mean_over_datasets(result, method, "llm_test_accuracy")})
+        for j in range(stages_of(result, method)):
+            rows.append({"dataset": "MEAN", "method": f"{method} stage {j + 1} alone",
+                         **{f"top_{k}": mean_over_datasets(result, method, f"sae_top_{k}_test_accuracy", j) for k in KS},
+                         "llm_all_dims": mean_over_datasets(result, method, "llm_test_accuracy")})
     c = result["config"]
     return "\n".join([
         f"# Table 4: concept detection (sparse probing), TopK k = {result['k']}, J = {result['members']}"
@@ -113,7 +137,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"Test accuracy of an L2 logistic regression on the top-k latents (mean over one-vs-rest tasks; balanced "
         f"sets; at most {c['max_train_per_class']} train / {c['max_test_per_class']} test documents per class, "
         f"first {c['context_length']} tokens). llm_all_dims: the same probe on all raw activation dims. "
-        "Plot: concept_detection.png.", "",
+        + ("'boosting stage j alone': the latents are chosen among stage j's only. "
+           if any(stages_of(result, m) for m in methods_of(result)) else "") + "Plot: concept_detection.png.", "",
         f"Regenerate: {regenerate(result, NAME)}", "",
         *(["**Partial**: the datasets finished so far; a rerun finishes the rest.", ""]
           if not result.get("complete", True) else []), format_table(rows)])

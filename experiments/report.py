@@ -189,6 +189,26 @@ def concept_top1(cd: dict) -> dict[str, dict[str, float]]:
     return {m: concept_detection.mean_over_datasets_ci(cd, m, 1) for m in concept_detection.methods_of(cd)}
 
 
+def stage_probe_lines(cd: dict) -> list[str]:
+    """Boosting's stages probed alone: whether the later stages carry concepts that the whole
+    ensemble's ranking (top latents by class-mean difference over every stage) passes over."""
+    out = []
+    for m in concept_detection.methods_of(cd):
+        n = concept_detection.stages_of(cd, m)
+        if not n:
+            continue
+        picks = [i // cd["width"] for d in cd["datasets"].values() for t in d["methods"][m]["tasks"]
+                 for i in t["top_latents"]]
+        cis = [concept_detection.mean_over_datasets_ci(cd, m, 1, j) for j in range(n)]
+        out.append(f"  - {m}'s stages probed alone (the latents chosen among one stage's only; balanced tasks, "
+                   "chance 0.5), mean top-1 [95% bootstrap]: " + ", ".join(f"stage {j + 1} {f3(c['mean'])} [{f3(c['ci_low'])}, {f3(c['ci_high'])}]"
+                                              for j, c in enumerate(cis))
+                   + "; against stage 1: " + ", ".join(f"stage {j + 1} {compare(c, cis[0])}"
+                                                       for j, c in enumerate(cis) if j)
+                   + f". The whole ensemble's top latents are stage 1's in {picks.count(0)} of {len(picks)} picks.")
+    return out
+
+
 def scr_best(scr: dict) -> dict[str, dict[str, float]]:
     """Each method's best SCR score over N, with N and the bootstrap interval at that N (NaN where the
     result recorded none)."""
@@ -214,6 +234,7 @@ def downstream_findings(cd: dict | None, scr: dict | None) -> list[str]:
                    f"language; here {', '.join(cd['datasets'])}{partial}). Mean top-1 [95% bootstrap] / top-5 accuracy: "
                    + ", ".join(f"{m} {f3(v[1]['mean'])} [{f3(v[1]['ci_low'])}, {f3(v[1]['ci_high'])}] / {f3(v[5]['mean'])}"
                                for m, v in cis.items()) + f". {verdict}")
+        out += stage_probe_lines(cd)
     if scr:
         best = scr_best(scr)
         rnd = {m: max((a["score"] for a in r["random_ablations"]), default=float("nan")) for m, r in scr["methods"].items()}

@@ -164,6 +164,14 @@ def test_concept_detection_writes_each_finished_dataset_and_a_rerun_finishes_it(
     scale = dataclasses.replace(toy_gpu, probe_train_per_class=4, probe_test_per_class=2, probe_context=16)
     first = concept_detection.main(scale, progress=False)
     assert first["complete"] is True and list(first["datasets"]) == list(concept_detection.DATASETS)
+    for d in first["datasets"].values():  # boosting's stages probed alone; stage 1 is the single SAE (one key)
+        by = d["methods"]
+        assert len(by["boosting"]["stages"]) == scale.members and "stages" not in by["bagging"]
+        assert by["boosting"]["stages"][0]["tasks"] == by["single"]["tasks"]
+    assert concept_detection.stages_of(first, "boosting") == scale.members
+    assert "| MEAN | boosting stage 2 alone |" in " ".join(concept_detection.markdown(first).split())
+    line = next(x for x in report.findings(scale).splitlines() if "boosting's stages probed alone" in x)
+    assert "stage 1 " in line and "; against stage 1: stage 2 " in line
     results = tmp_path / "experiments" / "results" / "gpu"
     last = concept_detection.DATASETS[-1]
     partial = {**first, "datasets": {n: d for n, d in first["datasets"].items() if n != last}, "complete": False}
