@@ -591,3 +591,25 @@ def test_a_runs_clock_keeps_the_time_of_a_killed_session_and_skips_a_stopped_one
     proc.send_signal(signal.SIGCONT)
     assert proc.wait() == 0
     assert 0.6 <= json.loads(paused.read_text())["seconds"] < 1.3  # 2 s inside, 1.2 of them stopped
+
+
+def test_pareto_findings_count_a_gap_inside_table_1s_seed_spread_as_no_difference():
+    """A Pareto point is one seed: against a reference front at equal L0 (interpolated in log L0) a
+    gap no wider than table 1's widest seed range of the metric is 'within', not a lead."""
+    from experiments import report
+
+    def pts(*l0_fvu):
+        return [{"l0": l0, "fvu": fvu, "delta_lm_loss": fvu} for l0, fvu in l0_fvu]
+
+    pa = {"points": {"single": pts((8, 0.40), (32, 0.30)), "expanded": pts((8, 0.40), (32, 0.30)),
+                     "bagging": pts((16, 0.34), (64, 0.2)),  # the fronts at L0 16: 0.35 (log-linear)
+                     "boosting": pts((16, 0.36), (20, 0.335))}}
+    t1 = {"rows": [{"arch": "topk", "method": "single", "fvu": {"scores": [0.5, 0.502]},
+                    "delta_lm_loss": {"scores": [0.1, 0.1]}}]}
+    assert report.seed_spread(t1, "topk", "fvu") == pytest.approx(0.002)
+    lines = report.pareto_findings(pa, t1)
+    bag = next(x for x in lines if "(fvu), bagging vs single" in x)
+    assert "lower fvu at 1 of its 2 points, higher at 0, 0 within" in bag and "1 lie outside" in bag
+    boost = next(x for x in lines if "(fvu), boosting vs single" in x)  # 0.36 vs 0.35: higher; 0.335 vs 0.334 at L0 20: within
+    assert "lower fvu at 0 of its 2 points, higher at 1, 1 within table 1's seed spread of fvu (0.002" in boost
+    assert "every gap counts" in report.pareto_findings(pa)[0]  # no table 1: no band
