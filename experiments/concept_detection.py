@@ -6,9 +6,9 @@ and run through the model ONCE; every ensemble encodes the same hook activations
 `saeens.evals.probing.probe_pooled` (the model-free half of `run_probing`, so the same protocol:
 balanced one-vs-rest tasks, top-k latents by |mean_pos - mean_neg|, L2 logistic regression C = 1)
 gives the test accuracy for k in (1, 2, 5) and the raw-activation baseline; for boosting also each
-stage's latents alone (the whole ensemble's ranking may pick one stage's latents only). Each finished dataset
-is written at once, and each pooled batch is kept in the work directory (experiments/downstream.py),
-so a session that ends mid-pass loses neither. Writes results/concept_detection.{json,md,png}.
+stage's latents alone (the whole ensemble's ranking may pick one stage's latents only). Each
+finished dataset is written at once, and each pooled batch is kept in the work directory
+(experiments/downstream.py), so a session that ends mid-pass loses neither. Writes results/concept_detection.{json,md,png}.
 
     python -m experiments.concept_detection --scale full
 """
@@ -55,6 +55,7 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True,
         for split, docs in (("train", ds.train), ("test", ds.test)):
             pooled[split] = pool_documents(scale, [d.text for d in docs], tuple(ens.values()), cfg.context_length,
                                            progress, keep=f"{stem}-{name}-{split}")
+
         def probe(i: int, cols: slice):  # ensemble i's latents `cols`
             return probe_pooled(ds.classes, [d.label for d in ds.train], pooled["train"][0],
                                 pooled["train"][1][i][:, cols], [d.label for d in ds.test], pooled["test"][0],
@@ -63,7 +64,7 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True,
         by_method = {}
         for i, (method, e) in enumerate(ens.items()):
             by_method[method] = accuracies(probe(i, slice(None)))
-            if e.sequential:  # boosting: each stage's latents alone (the whole ensemble picks stage 1's)
+            if e.sequential:  # boosting: each stage's latents alone (the ensemble's ranking may pick one stage's)
                 m = e.params["W_dec"].shape[1]
                 by_method[method]["stages"] = [accuracies(probe(i, slice(j * m, (j + 1) * m)))
                                                for j in range(e.n_members)]
@@ -128,7 +129,8 @@ def markdown(result: dict[str, Any]) -> str:
                      "llm_all_dims": mean_over_datasets(result, method, "llm_test_accuracy")})
         for j in range(stages_of(result, method)):
             rows.append({"dataset": "MEAN", "method": f"{method} stage {j + 1} alone",
-                         **{f"top_{k}": mean_over_datasets(result, method, f"sae_top_{k}_test_accuracy", j) for k in KS},
+                         **{f"top_{k}": mean_over_datasets(result, method, f"sae_top_{k}_test_accuracy", j)
+                            for k in KS},
                          "llm_all_dims": mean_over_datasets(result, method, "llm_test_accuracy")})
     c = result["config"]
     return "\n".join([

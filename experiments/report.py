@@ -218,8 +218,9 @@ def stage_probe_lines(cd: dict) -> list[str]:
                  for i in t["top_latents"]]
         cis = [concept_detection.mean_over_datasets_ci(cd, m, 1, j) for j in range(n)]
         out.append(f"  - {m}'s stages probed alone (the latents chosen among one stage's only; balanced tasks, "
-                   "chance 0.5), mean top-1 [95% bootstrap]: " + ", ".join(f"stage {j + 1} {f3(c['mean'])} [{f3(c['ci_low'])}, {f3(c['ci_high'])}]"
-                                              for j, c in enumerate(cis))
+                   "chance 0.5), mean top-1 [95% bootstrap]: "
+                   + ", ".join(f"stage {j + 1} {f3(c['mean'])} [{f3(c['ci_low'])}, {f3(c['ci_high'])}]"
+                               for j, c in enumerate(cis))
                    + "; against stage 1: " + ", ".join(f"stage {j + 1} {compare(c, cis[0])}"
                                                        for j, c in enumerate(cis) if j)
                    + f". The whole ensemble's top latents are stage 1's in {picks.count(0)} of {len(picks)} picks.")

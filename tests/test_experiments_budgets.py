@@ -610,6 +610,6 @@ def test_pareto_findings_count_a_gap_inside_table_1s_seed_spread_as_no_differenc
     lines = report.pareto_findings(pa, t1)
     bag = next(x for x in lines if "(fvu), bagging vs single" in x)
     assert "lower fvu at 1 of its 2 points, higher at 0, 0 within" in bag and "1 lie outside" in bag
-    boost = next(x for x in lines if "(fvu), boosting vs single" in x)  # 0.36 vs 0.35: higher; 0.335 vs 0.334 at L0 20: within
+    boost = next(x for x in lines if "(fvu), boosting vs single" in x)  # 0.36 vs 0.35 higher; 0.335 vs 0.334 within
     assert "lower fvu at 0 of its 2 points, higher at 1, 1 within table 1's seed spread of fvu (0.002" in boost
     assert "every gap counts" in report.pareto_findings(pa)[0]  # no table 1: no band
