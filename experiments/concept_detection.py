@@ -24,7 +24,7 @@ import numpy as np
 from experiments import common
 from experiments.downstream import (budget_title, method_ensembles, pool_documents, regenerate, result_name,
                                     train_tokens)
-from experiments.uncertainty import accuracy_ci
+from experiments.uncertainty import accuracy_ci, paired_accuracy_ci
 from saeens.evals.probing import ProbingConfig, probe_pooled
 
 NAME = "concept_detection"
@@ -113,6 +113,21 @@ def mean_over_datasets_ci(result: dict[str, Any], method: str, k: int, stage: in
     tasks = [(name, t["sae_test_accuracy"][str(k)], t["n_test"]) for name, d in result["datasets"].items()
              for t in _entry(d, method, stage)["tasks"]]
     return accuracy_ci([(a, n) for _, a, n in tasks], groups=[name for name, _, _ in tasks])
+
+
+def paired_ci(result: dict[str, Any], a: str, b: str, k: int,
+              stages: tuple[int | None, int | None] = (None, None)) -> dict[str, Any] | None:
+    """Method a's mean top-k accuracy minus b's over the same test documents, with the paired
+    bootstrap (uncertainty.paired_accuracy_ci; each dataset weighs the same); `stages` picks a
+    boosting stage alone on either side. None when a task has no per-document record (older results)."""
+    pairs = [(name, ta, tb) for name, d in result["datasets"].items()
+             for ta, tb in zip(_entry(d, a, stages[0])["tasks"], _entry(d, b, stages[1])["tasks"], strict=True)]
+    bits = [(ta.get("sae_test_correct", {}).get(str(k)), tb.get("sae_test_correct", {}).get(str(k))) for _, ta, tb in pairs]
+    if any(x is None or y is None for x, y in bits):
+        return None
+    as_array = lambda s: np.frombuffer(s.encode(), np.uint8) - ord("0")  # noqa: E731
+    return paired_accuracy_ci([as_array(x) for x, _ in bits], [as_array(y) for _, y in bits],
+                              groups=[name for name, _, _ in pairs])
 
 
 def markdown(result: dict[str, Any]) -> str:

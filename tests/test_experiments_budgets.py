@@ -145,8 +145,33 @@ def test_bootstrap_over_documents():
     ci = uncertainty.bootstrap_ci(correct)
     assert ci["mean"] == pytest.approx(0.8) and 0.70 < ci["ci_low"] < 0.8 < ci["ci_high"] < 0.9
     assert uncertainty.bootstrap_ci(correct) == ci  # seeded
-    d = uncertainty.paired_bootstrap_ci(correct, correct)
+    d = uncertainty.paired_accuracy_ci([correct], [correct])
     assert d["mean"] == 0.0 and d["ci_low"] == d["ci_high"] == 0.0
+
+
+def test_a_paired_interval_separates_two_methods_whose_own_intervals_overlap():
+    """Two probes right on mostly the same documents: each accuracy's own interval overlaps the
+    other's, the paired difference (documents resampled together) clears zero; it equals a
+    straightforward NumPy reference with the same seed, datasets weighing the same."""
+    rng = np.random.default_rng(1)
+    a = [rng.random(n) < 0.75 for n in (200, 150, 100)]
+    b = [x & (rng.random(x.size) > 0.08) for x in a]  # b is right only where a is, a little less often
+    groups = ["d1", "d1", "d2"]
+    separate = [uncertainty.accuracy_ci([(x.mean(), x.size) for x in v], groups=groups) for v in (a, b)]
+    assert uncertainty.compare(*separate) == uncertainty.NO_DIFFERENCE
+    d = uncertainty.paired_accuracy_ci(a, b, n_boot=300, groups=groups)
+    assert uncertainty.compare(d, uncertainty.ZERO) == "higher"
+    assert uncertainty.compare(uncertainty.paired_accuracy_ci(b, a, groups=groups), uncertainty.ZERO) == "lower"
+    diff = [x.astype(float) - y for x, y in zip(a, b)]
+    r = np.random.default_rng(0)
+    boots = []
+    for _ in range(300):
+        m = [v[r.integers(0, v.size, v.size)].mean() for v in diff]
+        boots.append((np.mean(m[:2]) + m[2]) / 2)
+    assert d["mean"] == pytest.approx((np.mean([v.mean() for v in diff[:2]]) + diff[2].mean()) / 2)
+    assert (d["ci_low"], d["ci_high"]) == pytest.approx((np.percentile(boots, 2.5), np.percentile(boots, 97.5)))
+    with pytest.raises(ValueError, match="same documents"):
+        uncertainty.paired_accuracy_ci([a[0]], [b[1]])
 
 
 def test_estimate_prints_planned_hours_from_measured_throughput(work, capsys):
@@ -613,3 +638,5 @@ def test_pareto_findings_count_a_gap_inside_table_1s_seed_spread_as_no_differenc
     boost = next(x for x in lines if "(fvu), boosting vs single" in x)  # 0.36 vs 0.35 higher; 0.335 vs 0.334 within
     assert "lower fvu at 0 of its 2 points, higher at 1, 1 within table 1's seed spread of fvu (0.002" in boost
     assert "every gap counts" in report.pareto_findings(pa)[0]  # no table 1: no band
+    pa["points"]["bagging"][1]["l0"] = 32.01  # a measured L0 at the front's end (k = 32): inside, not beyond
+    assert "lower fvu at 2 of its 2 points" in report.pareto_findings(pa, t1)[0]

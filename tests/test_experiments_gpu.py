@@ -172,6 +172,10 @@ def test_concept_detection_writes_each_finished_dataset_and_a_rerun_finishes_it(
     assert "| MEAN | boosting stage 2 alone |" in " ".join(concept_detection.markdown(first).split())
     line = next(x for x in report.findings(scale).splitlines() if "boosting's stages probed alone" in x)
     assert "stage 1 " in line and "; against stage 1: stage 2 " in line
+    same = concept_detection.paired_ci(first, "boosting", "single", 1, (0, None))  # stage 1 is the single SAE
+    assert same["mean"] == same["ci_low"] == same["ci_high"] == 0.0
+    assert "paired over the same test documents" in next(x for x in report.findings(scale).splitlines()
+                                                          if x.startswith("- **Concept detection**"))
     results = tmp_path / "experiments" / "results" / "gpu"
     last = concept_detection.DATASETS[-1]
     partial = {**first, "datasets": {n: d for n, d in first["datasets"].items() if n != last}, "complete": False}

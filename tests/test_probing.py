@@ -13,7 +13,8 @@ from saeens.data.labelled import LabelledDataset, hub_probing_dataset, probing_d
 from saeens.data.tokens import byte_tokenizer
 from saeens.errors import SaeensError
 from saeens.evals.probing import (
-    ProbingConfig, balanced_indices, pooled, pooled_codes, run_probing, sparse_probe, tokenize_texts, top_k_latents,
+    ProbingConfig, balanced_indices, pooled, pooled_codes, run_probing, sparse_probe, sparse_probe_correct, tokenize_texts,
+    top_k_latents,
 )
 
 HOOK = "blocks.0.hook_resid_post"
@@ -37,6 +38,10 @@ def test_sparse_probe_finds_the_latent_that_encodes_the_label():
     codes[:, 7] = 2.0 * y + 0.2 * rng.random(400)
     assert top_k_latents(codes[:300], y[:300], 1).tolist() == [7]
     assert sparse_probe(codes[:300], y[:300], codes[300:], y[300:], 1) == 1.0
+    noisy = codes + 3.0 * rng.random(codes.shape)  # per document: right or wrong, its mean the accuracy
+    right = sparse_probe_correct(noisy[:300], y[:300], noisy[300:], y[300:], 1)
+    assert right.dtype == bool and right.shape == (100,) and 0 < right.sum() < 100
+    assert right.mean() == sparse_probe(noisy[:300], y[:300], noisy[300:], y[300:], 1)
     idx = balanced_indices(y, np.random.default_rng(1))
     assert y[idx].sum() == (~y[idx]).sum() == min(y.sum(), (~y).sum()) and np.all(np.diff(idx) > 0)
 
@@ -91,6 +96,10 @@ def test_run_probing_end_to_end_on_a_tiny_model(tiny_model, tiny_bagging):
     d = res.to_dict()
     assert {"llm_test_accuracy", "sae_top_1_test_accuracy", "sae_top_2_test_accuracy"} <= set(d)
     assert all(0 <= v <= 1 for k, v in d.items() if k.endswith("accuracy"))
+    for t in d["tasks"]:  # each test document's correctness: the accuracy, and paired comparisons
+        bits = t["sae_test_correct"]
+        assert set(bits) == {"1", "2"} and all(len(b) == 8 and set(b) <= {"0", "1"} for b in bits.values())
+        assert all(b.count("1") / 8 == t["sae_test_accuracy"][k] for k, b in bits.items())
     binary = LabelledDataset("bin", ("a", "b"), tuple(d for d in ds.train if d.label != "c"),
                              tuple(d for d in ds.test if d.label != "c"))
     assert [t.positive_class for t in run_probing(tiny_model, byte_tokenizer(), tiny_bagging, HOOK, binary, cfg).tasks] == ["b"]

@@ -158,8 +158,12 @@ class LinearProbe:
     def decision(self, X: np.ndarray) -> np.ndarray:
         return ((np.asarray(X, np.float64) - self.mean) / self.scale) @ self.coef + self.intercept
 
+    def correct(self, X: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Per example: whether the probe's prediction is right (bool [N])."""
+        return (self.decision(X) > 0) == np.asarray(y, bool)
+
     def accuracy(self, X: np.ndarray, y: np.ndarray) -> float:
-        return float(np.mean((self.decision(X) > 0) == np.asarray(y, bool)))
+        return float(np.mean(self.correct(X, y)))
 
 
 def fit_probe(X: np.ndarray, y: np.ndarray, *, C: float = 1.0, standardize: bool = True,
@@ -188,9 +192,17 @@ def top_k_latents(codes_NF: np.ndarray, y_N: np.ndarray, k: int) -> np.ndarray:
 def sparse_probe(codes_train: np.ndarray, y_train: np.ndarray, codes_test: np.ndarray, y_test: np.ndarray,
                  k: int, *, C: float = 1.0, standardize: bool = True, max_iter: int = 1000) -> float:
     """Test accuracy of a logistic regression on the top-k latents chosen on train."""
+    return float(np.mean(sparse_probe_correct(codes_train, y_train, codes_test, y_test, k, C=C,
+                                              standardize=standardize, max_iter=max_iter)))
+
+
+def sparse_probe_correct(codes_train: np.ndarray, y_train: np.ndarray, codes_test: np.ndarray, y_test: np.ndarray,
+                         k: int, *, C: float = 1.0, standardize: bool = True, max_iter: int = 1000) -> np.ndarray:
+    """`sparse_probe` per test example (bool [N]): two SAEs probed on the same documents compare
+    pairwise, which separates them where two accuracies' own intervals overlap."""
     idx = top_k_latents(codes_train, y_train, k)
     probe = fit_probe(np.asarray(codes_train)[:, idx], y_train, C=C, standardize=standardize, max_iter=max_iter)
-    return probe.accuracy(np.asarray(codes_test)[:, idx], y_test)
+    return probe.correct(np.asarray(codes_test)[:, idx], y_test)
 
 
 def balanced_indices(y_N: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -234,11 +246,15 @@ class ProbeTaskResult:
     llm_test_accuracy: float
     sae_test_accuracy: tuple[tuple[int, float], ...]  # (k, accuracy)
     top_latents: tuple[int, ...]  # the max(ks) latents chosen on train, best first
+    # (k, "0110..."): per balanced test document in index order, 1 where the top-k probe is right; the
+    # documents are the same for every SAE probed on the dataset, so two SAEs compare pairwise
+    sae_test_correct: tuple[tuple[int, str], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["sae_test_accuracy"] = {str(k): a for k, a in self.sae_test_accuracy}
         d["top_latents"] = list(self.top_latents)
+        d["sae_test_correct"] = {str(k): bits for k, bits in self.sae_test_correct}
         return d
 
 
@@ -291,9 +307,10 @@ def probe_pooled(classes: Sequence[str], labels_train: Sequence[str], acts_train
             raise SaeensError(f"class {cls!r} has no train or test documents (or no others): use more documents")
         llm = fit_probe(acts_train[tr], y_tr, **kw).accuracy(acts_test[te], y_te)
         c_tr, c_te = codes_train[tr], codes_test[te]
-        accs = tuple((k, sparse_probe(c_tr, y_tr, c_te, y_te, k, **kw)) for k in cfg.ks)
+        correct = {k: sparse_probe_correct(c_tr, y_tr, c_te, y_te, k, **kw) for k in cfg.ks}
         top = tuple(int(i) for i in top_k_latents(c_tr, y_tr, max(cfg.ks)))
-        out.append(ProbeTaskResult(cls, len(tr), len(te), llm, accs, top))
+        out.append(ProbeTaskResult(cls, len(tr), len(te), llm, tuple((k, float(np.mean(c))) for k, c in correct.items()),
+                                   top, tuple((k, "".join("1" if b else "0" for b in c)) for k, c in correct.items())))
     return tuple(out)
 
 
