@@ -8,7 +8,8 @@ balanced one-vs-rest tasks, top-k latents by |mean_pos - mean_neg|, L2 logistic 
 gives the test accuracy for k in (1, 2, 5) and the raw-activation baseline; for boosting also each
 stage's latents alone (the whole ensemble's ranking may pick one stage's latents only). Each
 finished dataset is written at once, and each pooled batch is kept in the work directory
-(experiments/downstream.py), so a session that ends mid-pass loses neither. Writes results/concept_detection.{json,md,png}.
+(experiments/downstream.py), so a session that ends mid-pass loses neither. Writes
+results/concept_detection.{json,md,png}.
 
     python -m experiments.concept_detection --scale full
 """
@@ -120,14 +121,20 @@ def paired_ci(result: dict[str, Any], a: str, b: str, k: int,
     """Method a's mean top-k accuracy minus b's over the same test documents, with the paired
     bootstrap (uncertainty.paired_accuracy_ci; each dataset weighs the same); `stages` picks a
     boosting stage alone on either side. None when a task has no per-document record (older results)."""
+    if not paired_recorded(result, k):
+        return None
     pairs = [(name, ta, tb) for name, d in result["datasets"].items()
              for ta, tb in zip(_entry(d, a, stages[0])["tasks"], _entry(d, b, stages[1])["tasks"], strict=True)]
-    bits = [(ta.get("sae_test_correct", {}).get(str(k)), tb.get("sae_test_correct", {}).get(str(k))) for _, ta, tb in pairs]
-    if any(x is None or y is None for x, y in bits):
-        return None
-    as_array = lambda s: np.frombuffer(s.encode(), np.uint8) - ord("0")  # noqa: E731
-    return paired_accuracy_ci([as_array(x) for x, _ in bits], [as_array(y) for _, y in bits],
+    as_array = lambda t: np.frombuffer(t["sae_test_correct"][str(k)].encode(), np.uint8) - ord("0")  # noqa: E731
+    return paired_accuracy_ci([as_array(ta) for _, ta, _ in pairs], [as_array(tb) for _, _, tb in pairs],
                               groups=[name for name, _, _ in pairs])
+
+
+def paired_recorded(result: dict[str, Any], k: int) -> bool:
+    """Whether every task (of every method and stage) records each test document's top-k correctness,
+    which `paired_ci` needs (results scored before it was recorded do not)."""
+    entries = [e for d in result["datasets"].values() for r in d["methods"].values() for e in (r, *r.get("stages", ()))]
+    return all(str(k) in t.get("sae_test_correct", {}) for e in entries for t in e["tasks"])
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -214,9 +214,8 @@ def concept_verdict(cd: dict, a: str, b: str, stages: tuple[int | None, int | No
 
 def concept_basis(cd: dict) -> str:
     """How concept_verdict judged this result."""
-    methods = concept_detection.methods_of(cd)
-    paired = concept_detection.paired_ci(cd, methods[0], methods[0], 1) is not None
-    return ("paired over the same test documents: a > b when the difference's bootstrap interval clears zero" if paired
+    return ("paired over the same test documents: a > b when the difference's bootstrap interval clears zero"
+            if concept_detection.paired_recorded(cd, 1)
             else "a > b when its bootstrap interval clears b's; no per-document record, so not paired")
 
 
