@@ -16,6 +16,7 @@ import numpy as np
 
 from experiments import across_budgets, boosting_stages, common, concept_detection, downstream_budgets, intrinsic
 from experiments.uncertainty import NO_DIFFERENCE, ZERO, best_of, change, compare
+from saeens import metrics
 
 START, END = "<!-- FINDINGS:START (written by experiments/report.py) -->", "<!-- FINDINGS:END -->"
 SUMMARY_START, SUMMARY_END = "<!-- RESULTS:START (written by experiments/report.py) -->", "<!-- RESULTS:END -->"
@@ -135,20 +136,44 @@ def stages_line(arch: str, rows: dict[str, dict], boosting_runs: list[dict]) -> 
     return f"- **Boosting's stages, {arch}** (the paper reports the ensemble only). {text[0].upper()}{text[1:]}."
 
 
+def member_gain(runs: list[list[dict]], metric: str, j: int) -> dict:
+    """metric at J = j minus at J = j - 1, paired within each independent ensemble (its prefixes),
+    with a t interval over the ensembles: what adding member / stage j bought."""
+    return metrics.mean_ci([r[j - 1][metric] - r[j - 2][metric] for r in runs])
+
+
 def sweep_findings(sw: dict) -> list[str]:
+    """Saturation in J per method: the gain of member 2 and of the last member (paired over the
+    independent ensembles; 'no gain beyond the noise' when the interval holds zero), the delta LM
+    loss, and stability at J = 1 and J = members beside its chance level."""
     out = []
     for method, c in sw["curves"].items():
-        ev = c["explained_variance"]["mean"]
-        if len(ev) < 3:
-            out.append(f"- **Saturation in J, {method}**: too few members to judge (J = {len(ev)}).")
+        ev, runs = c["explained_variance"]["mean"], sw.get("runs", {}).get(method, [])
+        J = len(ev)
+        if J < 3:
+            out.append(f"- **Saturation in J, {method}**: too few members to judge (J = {J}).")
             continue
-        first, last = ev[1] - ev[0], ev[-1] - ev[-2]
         total = ev[-1] - ev[0]
-        share = last / total if total else float("nan")
-        out.append(f"- **Saturation in J, {method}** (paper: metrics saturate by J = 8). Explained variance gain of "
-                   f"member 2: {f3(first)}, of the last member (J = {len(ev)}): {f3(last)} ({100 * share:.0f}% of the "
-                   f"total gain {f3(total)} from J = 1). Stability J = 1 -> {len(ev)}: "
-                   f"{f3(c['stability']['mean'][0])} -> {f3(c['stability']['mean'][-1])}.")
+        gains = {j: member_gain(runs, "explained_variance", j) for j in (2, J)}
+        fmt = {j: common.fmt_ci(g["mean"], g["ci_low"], g["ci_high"]) for j, g in gains.items()}
+        last = gains[J]
+        verdict = ("no change beyond the noise" if compare(last, ZERO) == NO_DIFFERENCE else
+                   f"a {'gain' if last['mean'] > 0 else 'loss'} beyond the noise")
+        share = last["mean"] / total if total else float("nan")
+        dlm = c["delta_lm_loss"]["mean"]
+        stab = c["stability"]
+
+        def at(i: int) -> str:
+            if "chance" not in stab:  # the first study did not record it
+                return f3(stab["mean"][i])
+            return f"{f3(stab['mean'][i])} ({metrics.over_chance(stab['mean'][i], stab['chance'][i]):.2f}x chance " \
+                   f"{f3(stab['chance'][i])})"
+
+        out.append(f"- **Saturation in J, {method}** (paper: metrics saturate by J = 8; gains paired within each of "
+                   f"{len(runs)} independent ensembles, mean [95% CI]). Explained variance J = 1 -> {J}: {f3(ev[0])} -> "
+                   f"{f3(ev[-1])}; gain of member 2: {fmt[2]}, of the last member (J = {J}): {fmt[J]} "
+                   f"({100 * share:.0f}% of the total gain {f3(total)}) -> {verdict}. Delta LM loss J = 1 -> {J}: "
+                   f"{f3(dlm[0])} -> {f3(dlm[-1])}. Stability J = 1 -> {J}: {at(0)} -> {at(J - 1)}.")
     return out
 
 

@@ -640,3 +640,35 @@ def test_pareto_findings_count_a_gap_inside_table_1s_seed_spread_as_no_differenc
     assert "every gap counts" in report.pareto_findings(pa)[0]  # no table 1: no band
     pa["points"]["bagging"][1]["l0"] = 32.01  # a measured L0 at the front's end (k = 32): inside, not beyond
     assert "lower fvu at 2 of its 2 points" in report.pareto_findings(pa, t1)[0]
+
+
+def test_sweep_findings_pair_each_members_gain_within_its_ensemble():
+    """The gain of member j is paired within each independent ensemble (its j- and (j-1)-prefixes) and
+    carries a Student-t interval over the ensembles (a NumPy/SciPy reference); a last gain whose
+    interval holds zero is 'no change beyond the noise'; stability is printed beside its chance."""
+    from scipy import stats as sps
+
+    from experiments import report
+
+    ev_runs = np.array([[0.40, 0.50, 0.55, 0.570], [0.30, 0.42, 0.48, 0.501], [0.50, 0.58, 0.62, 0.642]])
+    flat = ev_runs.copy()
+    flat[:, 3] = flat[:, 2] + np.array([0.01, -0.01, 0.0])  # the last member adds nothing on average
+
+    def sweep(ev):
+        rows = [[{"explained_variance": float(v), "delta_lm_loss": 0.1} for v in run] for run in ev]
+        curves = {"explained_variance": {"mean": ev.mean(0).tolist()},
+                  "delta_lm_loss": {"mean": [0.1] * 4},
+                  "stability": {"mean": [0.6, 0.62, 0.63, 0.64], "chance": [0.15, 0.16, 0.17, 0.17]}}
+        return curves, rows
+
+    sw = {"curves": {}, "runs": {}}
+    (sw["curves"]["bagging"], sw["runs"]["bagging"]), (sw["curves"]["boosting"], sw["runs"]["boosting"]) = \
+        sweep(ev_runs), sweep(flat)
+    d = ev_runs[:, 3] - ev_runs[:, 2]
+    half = sps.t.ppf(0.975, 2) * d.std(ddof=1) / np.sqrt(3)
+    g = report.member_gain(sw["runs"]["bagging"], "explained_variance", 4)
+    assert (g["mean"], g["ci_low"], g["ci_high"]) == pytest.approx((d.mean(), d.mean() - half, d.mean() + half))
+    bag, boost = report.sweep_findings(sw)
+    assert f"of the last member (J = 4): {d.mean():.3f} [{d.mean() - half:.3f}, {d.mean() + half:.3f}]" in bag
+    assert "a gain beyond the noise" in bag and "no change beyond the noise" in boost
+    assert "Stability J = 1 -> 4: 0.600 (4.00x chance 0.150) -> 0.640 (3.76x chance 0.170)" in bag
