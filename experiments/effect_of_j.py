@@ -101,12 +101,18 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
             result["curves"][method], result["runs"][method] = sweep(scale, acts, spliced, method, progress)
             result["complete"] = all(m in result["curves"] for m in methods)
             common.write_result(scale, NAME, result, markdown(result))
+            plot(scale, result)
+    return result
+
+
+def plot(scale: common.Scale, result: dict[str, Any]) -> None:
+    """results/effect_of_j.png: the curves done so far (a partial result gets its plot too)."""
     from saeens.plots import curves_with_bands
 
     curves_with_bands(result["curves"], list(PLOTTED), common.results_dir(scale) / f"{NAME}.png",
                       xlabel="J (members / stages)",
-                      title=f"{result['hook']}: TopK k={scale.k}, m={scale.width}; 95% CI over {seeds} ensembles")
-    return result
+                      title=f"{result['hook']}: TopK k={result['k']}, m={result['width']}; "
+                            f"95% CI over {result['seeds']} ensembles")
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -143,9 +143,9 @@ def member_gain(runs: list[list[dict]], metric: str, j: int) -> dict:
 
 
 def sweep_findings(sw: dict) -> list[str]:
-    """Saturation in J per method: the gain of member 2 and of the last member (paired over the
-    independent ensembles; 'no gain beyond the noise' when the interval holds zero), the delta LM
-    loss, and stability at J = 1 and J = members beside its chance level."""
+    """Saturation in J per method: what member 2 and the last member add to explained variance, and
+    the last member to delta LM loss (paired over the independent ensembles; 'no change beyond the
+    noise' when the interval holds zero), and stability at J = 1 and J = members beside its chance."""
     out = []
     for method, c in sw["curves"].items():
         ev, runs = c["explained_variance"]["mean"], sw.get("runs", {}).get(method, [])
@@ -154,12 +154,19 @@ def sweep_findings(sw: dict) -> list[str]:
             out.append(f"- **Saturation in J, {method}**: too few members to judge (J = {J}).")
             continue
         total = ev[-1] - ev[0]
-        gains = {j: member_gain(runs, "explained_variance", j) for j in (2, J)}
-        fmt = {j: common.fmt_ci(g["mean"], g["ci_low"], g["ci_high"]) for j, g in gains.items()}
-        last = gains[J]
-        verdict = ("no change beyond the noise" if compare(last, ZERO) == NO_DIFFERENCE else
-                   f"a {'gain' if last['mean'] > 0 else 'loss'} beyond the noise")
-        share = last["mean"] / total if total else float("nan")
+        gain = {(metric, j): member_gain(runs, metric, j) for metric in ("explained_variance", "delta_lm_loss")
+                for j in (2, J)}
+
+        def said(metric: str, j: int) -> str:
+            g = gain[metric, j]
+            return common.fmt_ci(g["mean"], g["ci_low"], g["ci_high"])
+
+        def verdict(metric: str) -> str:
+            g = gain[metric, J]
+            return "no change beyond the noise" if compare(g, ZERO) == NO_DIFFERENCE else \
+                f"{'a rise' if g['mean'] > 0 else 'a fall'} beyond the noise"
+
+        share = gain["explained_variance", J]["mean"] / total if total else float("nan")
         dlm = c["delta_lm_loss"]["mean"]
         stab = c["stability"]
 
@@ -169,11 +176,13 @@ def sweep_findings(sw: dict) -> list[str]:
             return f"{f3(stab['mean'][i])} ({metrics.over_chance(stab['mean'][i], stab['chance'][i]):.2f}x chance " \
                    f"{f3(stab['chance'][i])})"
 
-        out.append(f"- **Saturation in J, {method}** (paper: metrics saturate by J = 8; gains paired within each of "
-                   f"{len(runs)} independent ensembles, mean [95% CI]). Explained variance J = 1 -> {J}: {f3(ev[0])} -> "
-                   f"{f3(ev[-1])}; gain of member 2: {fmt[2]}, of the last member (J = {J}): {fmt[J]} "
-                   f"({100 * share:.0f}% of the total gain {f3(total)}) -> {verdict}. Delta LM loss J = 1 -> {J}: "
-                   f"{f3(dlm[0])} -> {f3(dlm[-1])}. Stability J = 1 -> {J}: {at(0)} -> {at(J - 1)}.")
+        out.append(f"- **Saturation in J, {method}** (paper: metrics saturate by J = 8; each member's change paired "
+                   f"within each of {len(runs)} independent ensembles, mean [95% CI]). Explained variance J = 1 -> {J}: "
+                   f"{f3(ev[0])} -> {f3(ev[-1])}; member 2 adds {said('explained_variance', 2)}, the last member "
+                   f"(J = {J}) {said('explained_variance', J)} ({100 * share:.0f}% of the total gain {f3(total)}): "
+                   f"{verdict('explained_variance')}. Delta LM loss J = 1 -> {J}: {f3(dlm[0])} -> {f3(dlm[-1])}; the "
+                   f"last member changes it by {said('delta_lm_loss', J)}: {verdict('delta_lm_loss')}. Stability "
+                   f"J = 1 -> {J}: {at(0)} -> {at(J - 1)}.")
     return out
 
 
@@ -353,7 +362,9 @@ def findings(scale: common.Scale) -> str:
                             ("Sparsity vs fidelity (figure 3)", "pareto",
                              lambda pa: pareto_findings(pa, common.read_result(scale, "intrinsic")))):
         data = common.read_result(scale, name)
-        lines += [f"### {title}", ""] + (fn(data) if data else [not_run(scale, name)]) + [""]
+        partial = [] if not data or data.get("complete", True) else \
+            [f"- partial: what has finished so far; `python -m experiments.run_all --scale {scale.name}` finishes it."]
+        lines += [f"### {title}", ""] + (fn(data) + partial if data else [not_run(scale, name)]) + [""]
     lines += ["### Downstream tasks (tables 4, 5)", ""] + (downstream_findings(cd, scr)
                                                             or [not_run(scale, "concept_detection")]) + [""]
     first = tuple(common.read_result(scale, n) for n in downstream_budgets.NAMES)

@@ -159,7 +159,8 @@ def curves_with_bands(series: dict[str, dict[str, dict[str, list[float]]]], metr
     """One panel per metric, one line per series with a shaded 95% confidence band.
 
     series[name][metric] = {"x": [...], "mean": [...], "ci_low": [...], "ci_high": [...]} (bounds may
-    be NaN or missing: no band). hlines[name][metric]: a dashed reference level (e.g. a baseline)."""
+    be NaN or missing: no band; an optional "chance": [...] is drawn dashed in the series' colour).
+    hlines[name][metric]: a dashed reference level (e.g. a baseline)."""
     import numpy as np
 
     n = len(metrics)
@@ -178,6 +179,9 @@ def curves_with_bands(series: dict[str, dict[str, dict[str, list[float]]]], metr
             ok = np.isfinite(lo) & np.isfinite(hi)
             if ok.any():
                 ax.fill_between(x[ok], lo[ok], hi[ok], color=f"C{si}", alpha=0.2, linewidth=0)
+            if "chance" in c:  # e.g. stability's: random unit vectors of the same counts, in its own legend
+                ax.plot(x, np.asarray(c["chance"], float), "--", lw=1, color=f"C{si}", label=f"{name} chance")
+                ax.legend(fontsize=7)
         for hi_, (name, levels) in enumerate((hlines or {}).items()):
             if m in levels and levels[m] == levels[m]:
                 ax.axhline(levels[m], color=f"C{len(series) + hi_}", ls="--", lw=1, label=name)

@@ -669,6 +669,23 @@ def test_sweep_findings_pair_each_members_gain_within_its_ensemble():
     g = report.member_gain(sw["runs"]["bagging"], "explained_variance", 4)
     assert (g["mean"], g["ci_low"], g["ci_high"]) == pytest.approx((d.mean(), d.mean() - half, d.mean() + half))
     bag, boost = report.sweep_findings(sw)
-    assert f"of the last member (J = 4): {d.mean():.3f} [{d.mean() - half:.3f}, {d.mean() + half:.3f}]" in bag
-    assert "a gain beyond the noise" in bag and "no change beyond the noise" in boost
+    assert f"the last member (J = 4) {d.mean():.3f} [{d.mean() - half:.3f}, {d.mean() + half:.3f}]" in bag
+    assert "(J = 4) " in boost and "): a rise beyond the noise" in bag and "): no change beyond the noise" in boost
+    assert "changes it by 0.000 [0.000, 0.000]: no change beyond the noise" in bag  # delta LM loss flat
     assert "Stability J = 1 -> 4: 0.600 (4.00x chance 0.150) -> 0.640 (3.76x chance 0.170)" in bag
+
+
+def test_findings_label_a_partial_result_and_only_that(tmp_path, monkeypatch):
+    """A part written before all of it has run ("complete": false, e.g. bagging's curves of figure 2
+    before boosting's) says so in the findings; a complete one does not."""
+    from experiments import report
+
+    monkeypatch.setattr(common, "ROOT", tmp_path / "experiments")  # results/gpu lands here
+    scale = common.SCALES["gpu"]
+    sweep = {"curves": {}, "runs": {}}
+    common.write_result(scale, "effect_of_j", {**sweep, "complete": False}, "")
+    common.write_result(scale, "pareto", {"points": {m: [] for m in ("single", "expanded", "bagging", "boosting")},
+                                          "complete": True}, "")
+    sections = {s.split("\n", 1)[0]: s for s in report.findings(scale).split("### ")[1:]}
+    assert "- partial: what has finished so far" in sections["The effect of J (figure 2)"]
+    assert "partial" not in sections["Sparsity vs fidelity (figure 3)"]

@@ -138,8 +138,12 @@ def test_the_j_sweep_writes_each_method_as_it_lands_and_a_rerun_finishes_the_res
 
     from experiments import effect_of_j
 
+    plotted, real_plot = [], effect_of_j.plot
+    monkeypatch.setattr(effect_of_j, "plot", lambda scale, r: plotted.append(sorted(r["curves"])) or real_plot(scale, r))
     full = effect_of_j.main(toy_gpu, progress=False)
     assert full["complete"] and set(full["curves"]) == {"bagging", "boosting"} and full["seeds"] == toy_gpu.seeds
+    assert plotted == [["bagging"], ["bagging", "boosting"]]  # the partial result gets its plot too
+    assert (common.results_dir(toy_gpu) / "effect_of_j.png").is_file()
     stab = full["curves"]["bagging"]["stability"]
     assert len(stab["mean"]) == toy_gpu.members and all(0 < c < m for c, m in zip(stab["chance"], stab["mean"]))
     path = common.results_dir(toy_gpu) / "effect_of_j.json"

@@ -87,3 +87,20 @@ def test_training_mse_matches_the_evaluated_mse_in_its_unit(scaled_runs, tmp_pat
     plots.training_curves({"bagging": runs["bagging"]}, tmp_path / "t.png")
     trained = figures[0].axes[0].patches[0].get_data().values[-1]
     assert 0.5 < trained / evaluated < 2, (trained, evaluated)
+
+
+def test_curves_with_bands_draw_a_curves_chance_level_beside_it(tmp_path, figures):
+    """A curve that carries its chance level (stability) gets it dashed in its colour, in its panel's
+    legend; a curve without one gets none."""
+    x = [1, 2, 3]
+    series = {m: {"stability": {"x": x, "mean": v, "ci_low": v, "ci_high": v, "chance": [0.14, 0.15, 0.16]},
+                  "explained_variance": {"x": x, "mean": [0.6, 0.7, 0.8]}}
+              for m, v in (("bagging", [0.6, 0.65, 0.7]), ("boosting", [0.6, 0.4, 0.3]))}
+    plots.curves_with_bands(series, ["explained_variance", "stability"], tmp_path / "c.png")
+    ev, stab = figures[0].axes[:2]
+    dashed = {ln.get_label(): ln for ln in stab.get_lines() if ln.get_linestyle() == "--"}
+    assert sorted(dashed) == ["bagging chance", "boosting chance"]
+    assert list(dashed["boosting chance"].get_ydata()) == pytest.approx([0.14, 0.15, 0.16])
+    assert dashed["bagging chance"].get_color() == next(ln for ln in stab.get_lines() if ln.get_label() == "bagging").get_color()
+    assert "bagging chance" in [t.get_text() for t in stab.get_legend().get_texts()]
+    assert not [ln for ln in ev.get_lines() if ln.get_linestyle() == "--"]
