@@ -163,6 +163,8 @@ def sweep_findings(sw: dict) -> list[str]:
 
         def verdict(metric: str) -> str:
             g = gain[metric, J]
+            if not math.isfinite(g["ci_low"]):  # one ensemble (or none recorded): no interval to judge by
+                return "no interval (fewer than two ensembles)"
             return "no change beyond the noise" if compare(g, ZERO) == NO_DIFFERENCE else \
                 f"{'a rise' if g['mean'] > 0 else 'a fall'} beyond the noise"
 

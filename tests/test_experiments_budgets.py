@@ -673,6 +673,8 @@ def test_sweep_findings_pair_each_members_gain_within_its_ensemble():
     assert "(J = 4) " in boost and "): a rise beyond the noise" in bag and "): no change beyond the noise" in boost
     assert "changes it by 0.000 [0.000, 0.000]: no change beyond the noise" in bag  # delta LM loss flat
     assert "Stability J = 1 -> 4: 0.600 (4.00x chance 0.150) -> 0.640 (3.76x chance 0.170)" in bag
+    sw["runs"]["bagging"] = sw["runs"]["bagging"][:1]  # one ensemble: no interval, no verdict
+    assert "no interval (fewer than two ensembles)" in report.sweep_findings(sw)[0]
 
 
 def test_findings_label_a_partial_result_and_only_that(tmp_path, monkeypatch):
