@@ -364,8 +364,7 @@ def findings(scale: common.Scale) -> str:
                             ("Sparsity vs fidelity (figure 3)", "pareto",
                              lambda pa: pareto_findings(pa, common.read_result(scale, "intrinsic")))):
         data = common.read_result(scale, name)
-        partial = [] if not data or data.get("complete", True) else \
-            [f"- partial: what has finished so far; `python -m experiments.run_all --scale {scale.name}` finishes it."]
+        partial = [] if not data or data.get("complete", True) else [f"- {partial_note(scale)}."]
         lines += [f"### {title}", ""] + (fn(data) + partial if data else [not_run(scale, name)]) + [""]
     lines += ["### Downstream tasks (tables 4, 5)", ""] + (downstream_findings(cd, scr)
                                                             or [not_run(scale, "concept_detection")]) + [""]
@@ -387,14 +386,18 @@ def results_link(scale: common.Scale) -> str:
     return f"experiments/{common.results_dir(scale).relative_to(common.ROOT).as_posix()}"
 
 
+def partial_note(scale: common.Scale) -> str:
+    """What a result written before all of it ran ("complete": false) says, in the findings and the README."""
+    return f"partial: what has finished so far; `python -m experiments.run_all --scale {scale.name}` finishes it"
+
+
 def load_or_first(scale: common.Scale, name: str) -> tuple[dict | None, str, str]:
     """(result, the folder of its files relative to the repository, a note): this study's (a note
     only when it is partial), else the first study's with a note that says so, else (None, '', '')."""
     res = results_link(scale)
     data = common.read_result(scale, name)
     if data is not None:
-        return data, res, "" if data.get("complete", True) else \
-            " (partial: what has finished so far; `python -m experiments.run_all --scale full` finishes it)"
+        return data, res, "" if data.get("complete", True) else f" ({partial_note(scale)})"
     first = common.results_dir(scale) / FIRST_STUDY
     if not (first / f"{name}.json").is_file():
         return None, "", ""

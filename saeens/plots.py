@@ -181,10 +181,11 @@ def curves_with_bands(series: dict[str, dict[str, dict[str, list[float]]]], metr
                 ax.fill_between(x[ok], lo[ok], hi[ok], color=f"C{si}", alpha=0.2, linewidth=0)
             if "chance" in c:  # e.g. stability's: random unit vectors of the same counts, in its own legend
                 ax.plot(x, np.asarray(c["chance"], float), "--", lw=1, color=f"C{si}", label=f"{name} chance")
-                ax.legend(fontsize=7)
         for hi_, (name, levels) in enumerate((hlines or {}).items()):
             if m in levels and levels[m] == levels[m]:
                 ax.axhline(levels[m], color=f"C{len(series) + hi_}", ls="--", lw=1, label=name)
+        if any("chance" in (by_metric.get(m) or {}) for by_metric in series.values()):
+            ax.legend(fontsize=7)  # a panel with chance lines says which is which
         ax.set_xscale(xscale)
         if xscale == "linear":
             from matplotlib.ticker import MaxNLocator
