@@ -691,3 +691,33 @@ def test_findings_label_a_partial_result_and_only_that(tmp_path, monkeypatch):
     sections = {s.split("\n", 1)[0]: s for s in report.findings(scale).split("### ")[1:]}
     assert "- partial: what has finished so far" in sections["The effect of J (figure 2)"]
     assert "partial" not in sections["Sparsity vs fidelity (figure 3)"]
+
+
+def test_stage_residual_is_boostings_own_stage_2_input_in_activation_units(tmp_path):
+    """boosting_stages trains single SAEs on StageResidual: the rows minus the saved (activation-unit)
+    stage 1's reconstruction must be what boosting's stage 2 reads, x * scale through stage 1, over scale."""
+    import jax
+    import jax.numpy as jnp
+
+    from experiments.boosting_stages import StageResidual
+    from saeens import train
+    from saeens.config import EnsembleConfig, RunConfig, SAEConfig, TrainConfig
+    from saeens.data.cache import batch_indices
+    from saeens.runs import load_ensemble
+    from saeens.train import boosting
+
+    rng = np.random.default_rng(0)
+    acts = ArrayActivations((5.0 * rng.standard_normal((1000, 8))).astype(np.float32), 0.1)
+    run = RunConfig(SAEConfig(d_in=8, width=32, arch="topk", k=4, dead_tokens=256),
+                    TrainConfig(n_tokens=64 * 6, batch_size=64, lr=3e-3, checkpoint_every=6), EnsembleConfig("boosting", 2))
+    train.fit(tmp_path, run, acts, progress=False)
+    ens, _ = load_ensemble(tmp_path)
+    method = train.build_method(run)
+    state = train.checkpoints.restore(train.checkpoints.manager(tmp_path),
+                                      jax.eval_shape(method.init, jax.random.key(0), jnp.zeros((8, 8))))
+    assert float(state.scale) != pytest.approx(1.0, abs=0.1)  # the units differ, so the check can fail
+    source = StageResidual(acts, ensemble.single(ens.cfg, ensemble.member(ens, 0)), "stage 1")
+    x = acts.gather(batch_indices(acts.n_rows("train"), 64, 0, 3))
+    want = boosting.residual_before(state.params, run.sae, jnp.asarray(x) * state.scale, 1) / state.scale
+    np.testing.assert_allclose(source.batch(3, 64, 0), want, rtol=1e-4, atol=1e-4)
+    assert float(np.abs(want - x).max()) > 0.1  # stage 1 reconstructs something
