@@ -26,7 +26,7 @@ from experiments import common
 from experiments.downstream import (budget_title, method_ensembles, pool_documents, regenerate, result_name,
                                     train_tokens)
 from experiments.uncertainty import accuracy_ci, paired_accuracy_ci
-from saeens.evals.probing import ProbingConfig, probe_pooled
+from saeens.evals.probing import ProbingConfig, correct_from_bits, probe_pooled
 
 NAME = "concept_detection"
 DATASETS = ("bbc-topic", "tweet-sentiment", "shakespeare-genre", "text-source")
@@ -125,8 +125,9 @@ def paired_ci(result: dict[str, Any], a: str, b: str, k: int,
         return None
     pairs = [(name, ta, tb) for name, d in result["datasets"].items()
              for ta, tb in zip(_entry(d, a, stages[0])["tasks"], _entry(d, b, stages[1])["tasks"], strict=True)]
-    as_array = lambda t: np.frombuffer(t["sae_test_correct"][str(k)].encode(), np.uint8) - ord("0")  # noqa: E731
-    return paired_accuracy_ci([as_array(ta) for _, ta, _ in pairs], [as_array(tb) for _, _, tb in pairs],
+    bits = [(correct_from_bits(ta["sae_test_correct"][str(k)]), correct_from_bits(tb["sae_test_correct"][str(k)]))
+            for _, ta, tb in pairs]
+    return paired_accuracy_ci([a for a, _ in bits], [b for _, b in bits],
                               groups=[name for name, _, _ in pairs])
 
 

@@ -13,8 +13,8 @@ from saeens.data.labelled import LabelledDataset, hub_probing_dataset, probing_d
 from saeens.data.tokens import byte_tokenizer
 from saeens.errors import SaeensError
 from saeens.evals.probing import (
-    ProbingConfig, balanced_indices, pooled, pooled_codes, run_probing, sparse_probe, sparse_probe_correct, tokenize_texts,
-    top_k_latents,
+    ProbingConfig, balanced_indices, correct_from_bits, correct_to_bits, pooled, pooled_codes, run_probing, sparse_probe,
+    sparse_probe_correct, tokenize_texts, top_k_latents,
 )
 
 HOOK = "blocks.0.hook_resid_post"
@@ -100,6 +100,7 @@ def test_run_probing_end_to_end_on_a_tiny_model(tiny_model, tiny_bagging):
         bits = t["sae_test_correct"]
         assert set(bits) == {"1", "2"} and all(len(b) == 8 and set(b) <= {"0", "1"} for b in bits.values())
         assert all(b.count("1") / 8 == t["sae_test_accuracy"][k] for k, b in bits.items())
+        assert all(correct_to_bits(correct_from_bits(b).astype(bool)) == b for b in bits.values())
     binary = LabelledDataset("bin", ("a", "b"), tuple(d for d in ds.train if d.label != "c"),
                              tuple(d for d in ds.test if d.label != "c"))
     assert [t.positive_class for t in run_probing(tiny_model, byte_tokenizer(), tiny_bagging, HOOK, binary, cfg).tasks] == ["b"]

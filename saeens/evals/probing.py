@@ -310,8 +310,18 @@ def probe_pooled(classes: Sequence[str], labels_train: Sequence[str], acts_train
         correct = {k: sparse_probe_correct(c_tr, y_tr, c_te, y_te, k, **kw) for k in cfg.ks}
         top = tuple(int(i) for i in top_k_latents(c_tr, y_tr, max(cfg.ks)))
         out.append(ProbeTaskResult(cls, len(tr), len(te), llm, tuple((k, float(np.mean(c))) for k, c in correct.items()),
-                                   top, tuple((k, "".join("1" if b else "0" for b in c)) for k, c in correct.items())))
+                                   top, tuple((k, correct_to_bits(c)) for k, c in correct.items())))
     return tuple(out)
+
+
+def correct_to_bits(correct_N: np.ndarray) -> str:
+    """Per-document correctness as "0110...": a JSON string 8x smaller than a list of booleans."""
+    return "".join("1" if b else "0" for b in correct_N)
+
+
+def correct_from_bits(bits: str) -> np.ndarray:
+    """The inverse of `correct_to_bits`: a uint8 array of 0 and 1."""
+    return np.frombuffer(bits.encode(), np.uint8) - ord("0")
 
 
 def run_probing(model, tokenizer, ens: Ensemble, hook: str, dataset: LabelledDataset,
