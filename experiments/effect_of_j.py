@@ -11,6 +11,13 @@ co-firing matrix per ensemble (the prefix's firing matrix is its first j*m colum
 loss here uses `sweep_spliced_contexts` contexts (clean and zero-ablation computed once).
 Writes results/effect_of_j.{json,md,png}.
 
+A method's ensembles may take longer than a session (a boosting run is ~25-50 min on 2 cores), and a
+new session's machine has none of them. So each finished ensemble is committed at once: its prefix
+metrics in the partial result, and its decoder rows in float16 under results/effect_of_j-decoders/
+(~10 MB each: stability needs every independent ensemble's rows together). A rerun trains only the
+seeds not committed; the decoder files are removed once the method's curves are written. Stability is
+always computed from the float16 rows (a cosine moves by < 1e-3; tests/test_experiments_gpu.py).
+
     python -m experiments.effect_of_j --scale full
 """
 
@@ -55,24 +62,39 @@ def prefix_metrics(scale, acts, spliced: common.Spliced, ens, run_dir: Path) -> 
     return common.cached_json(path, compute)["prefixes"]
 
 
-def sweep(scale: common.Scale, acts, spliced: common.Spliced, method: str, progress: bool
-          ) -> tuple[dict[str, dict[str, list[float]]], list[list[dict[str, Any]]]]:
+def decoder_path(scale: common.Scale, method: str, seed: int) -> Path:
+    """Where one finished ensemble's decoder rows wait, committed, for the method's other seeds."""
+    return common.results_dir(scale) / f"{NAME}-decoders" / f"{method}-s{seed}.npy"
+
+
+def sweep(scale: common.Scale, acts, spliced: common.Spliced, method: str, progress: bool,
+          committed: list[list[dict[str, Any]]], on_ensemble) -> tuple[dict[str, dict[str, list[float]]], list]:
     """One method's curves (each metric at J = 1..members: mean and t interval over the independent
-    ensembles; stability with its chance level) and the per-run prefix metrics."""
-    J = scale.members
-    ensembles, rows = [], []
-    for seed in range(scale.sweep_seeds or scale.seeds):
+    ensembles; stability with its chance level) and the per-run prefix metrics. `committed`: the prefix
+    metrics of the seeds an earlier session finished (their decoders are on disk); `on_ensemble(rows)`
+    is called after each newly finished one, to commit it."""
+    J, n_seeds = scale.members, scale.sweep_seeds or scale.seeds
+    rows = []  # the committed seeds whose rows are on disk, up to the first one that is not
+    for seed, r in enumerate(committed):
+        if not decoder_path(scale, method, seed).is_file():
+            break
+        rows.append(r)
+    for seed in range(len(rows), n_seeds):
         ens, info = table_run(scale, acts, "topk", method, seed, progress)
-        ensembles.append(ens)
         rows.append(prefix_metrics(scale, acts, spliced, ens, common.run_path(info)))
+        path = decoder_path(scale, method, seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, np.asarray(ensemble.decoder(ens), np.float16))
+        on_ensemble(rows)
+    decs = [np.load(decoder_path(scale, method, s)).astype(np.float32) for s in range(n_seeds)]
     curves = {}
     for m in METRICS:
         c = {"x": list(range(1, J + 1)), "mean": [], "ci_low": [], "ci_high": []}
         for j in range(1, J + 1):
             if m == "stability":  # one score per independent ensemble: stability's own interval
-                decs = [np.asarray(ensemble.decoder(ensemble.prefix(e, j))) for e in ensembles]
-                s = metrics.stability(decs)
-                chance = metrics.stability_chance([d.shape[0] for d in decs], decs[0].shape[1])["stability"]
+                prefix_decs = [d[: j * d.shape[0] // J] for d in decs]  # the first j members' rows
+                s = metrics.stability(prefix_decs)
+                chance = metrics.stability_chance([d.shape[0] for d in prefix_decs], d_in=decs[0].shape[1])["stability"]
                 c.setdefault("chance", []).append(chance)  # the same computation on random unit vectors
             else:
                 s = metrics.mean_ci([r[j - 1][m] for r in rows])
@@ -83,9 +105,9 @@ def sweep(scale: common.Scale, acts, spliced: common.Spliced, method: str, progr
 
 
 def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dict[str, Any] | None:
-    """Bagging, then boosting; each method's curves are written as soon as they are done (a partial
-    result, "complete": false) and read back from that result on a rerun: a method needs all its
-    independent ensembles in one session (stability), and the next session's machine has none of them."""
+    """Bagging, then boosting; each finished ensemble and each method's curves are written as soon as
+    they are done (a partial result, "complete": false) and read back from that result on a rerun: the
+    next session's machine has none of the runs."""
     if common.result_done(scale, NAME, force):
         return None
     acts = common.get_cache(scale, progress)
@@ -96,12 +118,22 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
               "width": scale.width, "sweep_spliced_contexts": scale.sweep_spliced_contexts,
               "curves": done.get("curves", {}), "runs": done.get("runs", {})}
     methods = ("bagging", "boosting")
+
+    def write(method: str, rows: list) -> None:
+        result["runs"][method] = rows
+        result["complete"] = all(m in result["curves"] for m in methods)
+        common.write_result(scale, NAME, result, markdown(result))
+
     for method in methods:
         if method not in result["curves"]:
-            result["curves"][method], result["runs"][method] = sweep(scale, acts, spliced, method, progress)
-            result["complete"] = all(m in result["curves"] for m in methods)
-            common.write_result(scale, NAME, result, markdown(result))
+            result["curves"][method], rows = sweep(scale, acts, spliced, method, progress,
+                                                   result["runs"].get(method, []), lambda r, m=method: write(m, r))
+            write(method, rows)
             plot(scale, result)
+            for seed in range(len(rows)):  # the curves hold what they were kept for
+                decoder_path(scale, method, seed).unlink()
+            if not any(decoder_path(scale, method, 0).parent.iterdir()):
+                decoder_path(scale, method, 0).parent.rmdir()
     return result
 
 
@@ -138,6 +170,9 @@ def markdown(result: dict[str, Any]) -> str:
                 row["chance"], row["x_chance"] = s["chance"][i], metrics.over_chance(s["mean"][i], s["chance"][i])
             rows.append(row)
         lines += [format_table(rows), ""]
+    for method in result["runs"].keys() - result["curves"].keys():
+        lines += [f"## {method}", "", f"{len(result['runs'][method])} of {result['seeds']} ensembles done (each "
+                  "committed as it lands); the curves come when all are.", ""]
     return "\n".join(lines)
 
 

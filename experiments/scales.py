@@ -39,7 +39,7 @@ class Scale:
     dead_tokens: int | None = None  # a latent silent this long is dead (TopK's AuxK revives it); None: train tokens
     budgets: tuple[int, ...] = ()  # TopK: tokens at which single/expanded/bagging runs are also evaluated as they train
     other_budgets: tuple[int, ...] = ()  # the same for the other architectures
-    sweep_seeds: int | None = None  # independent ensembles of the J sweep (None: seeds); all train in one session
+    sweep_seeds: int | None = None  # independent ensembles of the J sweep (None: seeds); each committed as it lands
 
     @property
     def steps(self) -> int:

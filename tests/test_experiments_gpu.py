@@ -159,6 +159,60 @@ def test_the_j_sweep_writes_each_method_as_it_lands_and_a_rerun_finishes_the_res
     assert json.loads(json.dumps(again["curves"])) == json.loads(json.dumps(full["curves"]))
 
 
+def test_the_j_sweep_commits_each_ensemble_and_a_later_session_trains_only_the_rest(toy_gpu, monkeypatch):
+    """A session that ends after boosting's first ensemble has committed its prefix metrics and its
+    float16 decoder rows; the next session (no runs) trains only the other seeds, and the curves equal
+    an uninterrupted sweep's. The decoder files go once the curves are written."""
+    import shutil
+
+    from experiments import effect_of_j
+
+    full = effect_of_j.main(toy_gpu, progress=False)
+    decoders = common.results_dir(toy_gpu) / "effect_of_j-decoders"
+    assert not decoders.exists()
+    shutil.rmtree(common.WORK / "gpu" / "runs")
+    real = effect_of_j.table_run
+
+    def session_ends_after_boosting_seed_0(scale, acts, arch, method, seed, *a):
+        if method == "boosting" and seed == 1:
+            raise KeyboardInterrupt
+        return real(scale, acts, arch, method, seed, *a)
+
+    monkeypatch.setattr(effect_of_j, "table_run", session_ends_after_boosting_seed_0)
+    with pytest.raises(KeyboardInterrupt):
+        effect_of_j.main(toy_gpu, force=True, progress=False)
+    partial = common.read_result(toy_gpu, "effect_of_j")
+    assert partial["complete"] is False and set(partial["curves"]) == {"bagging"} and len(partial["runs"]["boosting"]) == 1
+    assert sorted(p.name for p in decoders.iterdir()) == ["boosting-s0.npy"]
+    assert np.load(decoders / "boosting-s0.npy").dtype == np.float16
+    assert "1 of 2 ensembles done" in (common.results_dir(toy_gpu) / "effect_of_j.md").read_text()
+    d_in = common.get_cache(toy_gpu, False).d_in
+    common.write_result(toy_gpu, "intrinsic", {"complete": True}, "")  # else table 1 counts the runs first
+    left = run_all.remaining(toy_gpu, d_in)["effect_of_j"]  # boosting's seed 1 alone is still to train
+    _, seed_1 = intrinsic.row_run(toy_gpu, d_in, "topk", "boosting", 1)
+    assert left == {"topk": pytest.approx(common.train_flops(seed_1, toy_gpu.cache_tokens) / 1e12)}
+    shutil.rmtree(common.WORK / "gpu" / "runs")
+    called = []
+    monkeypatch.setattr(effect_of_j, "table_run", lambda scale, acts, arch, method, seed, *a: called.append((method, seed))
+                        or real(scale, acts, arch, method, seed, *a))
+    again = effect_of_j.main(toy_gpu, progress=False)
+    assert called == [("boosting", 1)] and again["complete"] and not decoders.exists()
+    assert json.loads(json.dumps(again["curves"])) == json.loads(json.dumps(full["curves"]))
+
+
+def test_float16_decoder_rows_keep_stability_and_chance():
+    """The J sweep's stability comes from float16 rows: the same figure as float32 to 1e-4."""
+    from saeens import metrics
+
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((64, 32)).astype(np.float32)
+    decs = [base + 0.3 * rng.standard_normal(base.shape).astype(np.float32) for _ in range(3)]
+    decs = [d / np.linalg.norm(d, axis=1, keepdims=True) for d in decs]
+    exact = metrics.stability(decs)["mean"]
+    assert metrics.stability([d.astype(np.float16).astype(np.float32) for d in decs])["mean"] == pytest.approx(exact, abs=1e-4)
+    assert exact > 0.8
+
+
 def test_concept_detection_writes_each_finished_dataset_and_a_rerun_finishes_it(toy_gpu, tmp_path, monkeypatch):
     """Probing pools every dataset's documents through the model (the long part at full scale): each
     finished dataset is written at once (marked incomplete), and a rerun pools only what is missing
