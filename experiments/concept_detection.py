@@ -127,7 +127,7 @@ def paired_ci(result: dict[str, Any], a: str, b: str, k: int,
              for ta, tb in zip(_entry(d, a, stages[0])["tasks"], _entry(d, b, stages[1])["tasks"], strict=True)]
     bits = [(correct_from_bits(ta["sae_test_correct"][str(k)]), correct_from_bits(tb["sae_test_correct"][str(k)]))
             for _, ta, tb in pairs]
-    return paired_accuracy_ci([a for a, _ in bits], [b for _, b in bits],
+    return paired_accuracy_ci([of_a for of_a, _ in bits], [of_b for _, of_b in bits],
                               groups=[name for name, _, _ in pairs])
 
 

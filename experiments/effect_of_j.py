@@ -67,18 +67,34 @@ def decoder_path(scale: common.Scale, method: str, seed: int) -> Path:
     return common.results_dir(scale) / f"{NAME}-decoders" / f"{method}-s{seed}.npy"
 
 
-def sweep(scale: common.Scale, acts, spliced: common.Spliced, method: str, progress: bool,
-          committed: list[list[dict[str, Any]]], on_ensemble) -> tuple[dict[str, dict[str, list[float]]], list]:
-    """One method's curves (each metric at J = 1..members: mean and t interval over the independent
-    ensembles; stability with its chance level) and the per-run prefix metrics. `committed`: the prefix
-    metrics of the seeds an earlier session finished (their decoders are on disk); `on_ensemble(rows)`
-    is called after each newly finished one, to commit it."""
-    J, n_seeds = scale.members, scale.sweep_seeds or scale.seeds
-    rows = []  # the committed seeds whose rows are on disk, up to the first one that is not
-    for seed, r in enumerate(committed):
+def committed_seeds(scale: common.Scale, method: str, result: dict[str, Any]) -> list[list[dict[str, Any]]]:
+    """The prefix metrics of the seeds an earlier session finished, seed 0 on, up to the first whose
+    decoder file is missing (that one and later ones train again)."""
+    rows = []
+    for seed, r in enumerate(result.get("runs", {}).get(method, [])[: scale.sweep_seeds or scale.seeds]):
         if not decoder_path(scale, method, seed).is_file():
             break
         rows.append(r)
+    return rows
+
+
+def drop_decoders(scale: common.Scale, method: str) -> None:
+    """Remove a method's waiting decoder files once its curves are written (they hold nothing more)."""
+    d = decoder_path(scale, method, 0).parent
+    for path in d.glob(f"{method}-s*.npy"):
+        path.unlink()
+    if d.is_dir() and not any(d.iterdir()):
+        d.rmdir()
+
+
+def sweep(scale: common.Scale, acts, spliced: common.Spliced, method: str, progress: bool,
+          committed: list[list[dict[str, Any]]], on_ensemble) -> tuple[dict[str, dict[str, list[float]]], list]:
+    """One method's curves (each metric at J = 1..members: mean and t interval over the independent
+    ensembles; stability with its chance level) and the per-run prefix metrics. `committed`: the
+    `committed_seeds` of an earlier session; `on_ensemble(rows)` is called after each newly finished
+    ensemble, to commit it."""
+    J, n_seeds = scale.members, scale.sweep_seeds or scale.seeds
+    rows = list(committed)
     for seed in range(len(rows), n_seeds):
         ens, info = table_run(scale, acts, "topk", method, seed, progress)
         rows.append(prefix_metrics(scale, acts, spliced, ens, common.run_path(info)))
@@ -92,7 +108,7 @@ def sweep(scale: common.Scale, acts, spliced: common.Spliced, method: str, progr
         c = {"x": list(range(1, J + 1)), "mean": [], "ci_low": [], "ci_high": []}
         for j in range(1, J + 1):
             if m == "stability":  # one score per independent ensemble: stability's own interval
-                prefix_decs = [d[: j * d.shape[0] // J] for d in decs]  # the first j members' rows
+                prefix_decs = [d.reshape(J, -1, d.shape[1])[:j].reshape(-1, d.shape[1]) for d in decs]  # first j members
                 s = metrics.stability(prefix_decs)
                 chance = metrics.stability_chance([d.shape[0] for d in prefix_decs], d_in=decs[0].shape[1])["stability"]
                 c.setdefault("chance", []).append(chance)  # the same computation on random unit vectors
@@ -127,13 +143,10 @@ def main(scale: common.Scale, force: bool = False, progress: bool = True) -> dic
     for method in methods:
         if method not in result["curves"]:
             result["curves"][method], rows = sweep(scale, acts, spliced, method, progress,
-                                                   result["runs"].get(method, []), lambda r, m=method: write(m, r))
+                                                   committed_seeds(scale, method, result), lambda r, m=method: write(m, r))
             write(method, rows)
             plot(scale, result)
-            for seed in range(len(rows)):  # the curves hold what they were kept for
-                decoder_path(scale, method, seed).unlink()
-            if not any(decoder_path(scale, method, 0).parent.iterdir()):
-                decoder_path(scale, method, 0).parent.rmdir()
+        drop_decoders(scale, method)  # also what a session cut right after the write left
     return result
 
 
@@ -170,7 +183,7 @@ def markdown(result: dict[str, Any]) -> str:
                 row["chance"], row["x_chance"] = s["chance"][i], metrics.over_chance(s["mean"][i], s["chance"][i])
             rows.append(row)
         lines += [format_table(rows), ""]
-    for method in result["runs"].keys() - result["curves"].keys():
+    for method in [m for m in result["runs"] if m not in result["curves"]]:
         lines += [f"## {method}", "", f"{len(result['runs'][method])} of {result['seeds']} ensembles done (each "
                   "committed as it lands); the curves come when all are.", ""]
     return "\n".join(lines)

@@ -103,10 +103,11 @@ def remaining(scale: common.Scale, d_in: int = 576) -> dict[str, dict[str, float
         out[part] = cost([r for m in common.METHODS if todo(part) for r in table("topk", m, 1)])
     out["pareto"] = cost([pareto.point_run(scale, d_in, m, k) for k in scale.pareto_ks for m in common.METHODS
                           if todo("pareto") and not pareto.point_path(scale, m, k, scale.spliced_contexts).is_file()])
-    swept = common.read_result(scale, effect_of_j.NAME) or {"curves": {}, "runs": {}}
+    swept = common.read_result(scale, effect_of_j.NAME) or {"curves": {}}
     out["effect_of_j"] = cost([row_run(scale, d_in, "topk", m, s) for m in ("bagging", "boosting")
                                if todo("effect_of_j") and m not in swept["curves"]
-                               for s in range(len(swept["runs"].get(m, [])), scale.sweep_seeds or scale.seeds)])
+                               for s in range(len(effect_of_j.committed_seeds(scale, m, swept)),
+                                              scale.sweep_seeds or scale.seeds)])
     out["downstream_budgets"] = cost([across_budgets.twin(scale, d_in, "topk", m, 0) for m in common.METHODS
                                       if scale.budgets_of("topk") and any(todo(n) for n in downstream_budgets.NAMES)])
     return out

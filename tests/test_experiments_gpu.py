@@ -186,12 +186,13 @@ def test_the_j_sweep_commits_each_ensemble_and_a_later_session_trains_only_the_r
     assert sorted(p.name for p in decoders.iterdir()) == ["boosting-s0.npy"]
     assert np.load(decoders / "boosting-s0.npy").dtype == np.float16
     assert "1 of 2 ensembles done" in (common.results_dir(toy_gpu) / "effect_of_j.md").read_text()
+    shutil.rmtree(common.WORK / "gpu" / "runs")
     d_in = common.get_cache(toy_gpu, False).d_in
-    common.write_result(toy_gpu, "intrinsic", {"complete": True}, "")  # else table 1 counts the runs first
+    for part in ("intrinsic", "boosting_stages", "concept_detection", "spurious_removal"):  # else they count
+        common.write_result(toy_gpu, part, {"complete": True}, "")  # table 1's runs first
     left = run_all.remaining(toy_gpu, d_in)["effect_of_j"]  # boosting's seed 1 alone is still to train
     _, seed_1 = intrinsic.row_run(toy_gpu, d_in, "topk", "boosting", 1)
     assert left == {"topk": pytest.approx(common.train_flops(seed_1, toy_gpu.cache_tokens) / 1e12)}
-    shutil.rmtree(common.WORK / "gpu" / "runs")
     called = []
     monkeypatch.setattr(effect_of_j, "table_run", lambda scale, acts, arch, method, seed, *a: called.append((method, seed))
                         or real(scale, acts, arch, method, seed, *a))
@@ -200,7 +201,26 @@ def test_the_j_sweep_commits_each_ensemble_and_a_later_session_trains_only_the_r
     assert json.loads(json.dumps(again["curves"])) == json.loads(json.dumps(full["curves"]))
 
 
-def test_float16_decoder_rows_keep_stability_and_chance():
+def test_a_committed_j_sweep_seed_counts_only_with_its_decoder_file(toy_gpu):
+    """committed_seeds: seed 0 on, up to the first seed whose decoder file is missing, and no more than
+    the scale's seeds (the rest train again)."""
+    from experiments import effect_of_j
+
+    result = {"runs": {"boosting": [["s0"], ["s1"], ["s2"], ["s3"]]}}
+    for seed in (0, 2, 3):
+        path = effect_of_j.decoder_path(toy_gpu, "boosting", seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, np.zeros((4, 2), np.float16))
+    assert effect_of_j.committed_seeds(toy_gpu, "boosting", result) == [["s0"]]
+    np.save(effect_of_j.decoder_path(toy_gpu, "boosting", 1), np.zeros((4, 2), np.float16))
+    assert toy_gpu.sweep_seeds is None and toy_gpu.seeds == 2
+    assert effect_of_j.committed_seeds(toy_gpu, "boosting", result) == [["s0"], ["s1"]]
+    assert effect_of_j.committed_seeds(toy_gpu, "bagging", result) == []
+    effect_of_j.drop_decoders(toy_gpu, "boosting")
+    assert not effect_of_j.decoder_path(toy_gpu, "boosting", 0).parent.exists()
+
+
+def test_float16_decoder_rows_keep_stability():
     """The J sweep's stability comes from float16 rows: the same figure as float32 to 1e-4."""
     from saeens import metrics
 

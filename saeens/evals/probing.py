@@ -315,7 +315,7 @@ def probe_pooled(classes: Sequence[str], labels_train: Sequence[str], acts_train
 
 
 def correct_to_bits(correct_N: np.ndarray) -> str:
-    """Per-document correctness as "0110...": a JSON string 8x smaller than a list of booleans."""
+    """Per-document correctness as "0110...": a JSON string several times smaller than a list of booleans."""
     return "".join("1" if b else "0" for b in correct_N)
 
 
